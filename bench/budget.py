@@ -1,0 +1,38 @@
+"""`budget=`: how much calibration data and training compute a method may use.
+
+The same budget is applied to every method of a comparison. `budget=default` finishes on a 2-core CPU;
+`budget=paper` is the papers' recipe for a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.errors import ConfigError
+
+
+@dataclass
+class Budget:
+    name: str
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    train_steps: int = 0  # optimizer steps for training-based methods (0 = derive from epochs)
+    epochs: float = 0.0
+    batch_size: int = 1
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    description: str = ""
+
+    def __post_init__(self):
+        for key in ("calib_samples", "calib_seqlen", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"budget.{key}={getattr(self, key)} must be positive", f"set budget.{key}>0")
+        if self.train_steps < 0 or self.epochs < 0 or self.lr <= 0:
+            raise ConfigError("budget.train_steps/epochs must be >= 0 and budget.lr > 0",
+                              "fix the budget values")
+
+    def steps(self) -> int:
+        if self.train_steps:
+            return self.train_steps
+        per_epoch = max(1, self.calib_samples // self.batch_size)
+        return max(1, round(self.epochs * per_epoch))

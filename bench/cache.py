@@ -1,0 +1,92 @@
+"""Compressed-model artifacts: content-hash keyed safetensors files, written atomically, verified on read.
+
+Layout: `<root>/<key>.safetensors` plus `<key>.sha256` (hash of the file's bytes). A file is written to a
+temporary name and renamed; the hash sidecar is written last, so a crash mid-write leaves no entry that a
+later run would trust. Loading goes through safetensors only (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.errors import ArtifactCorrupt, BenchError
+
+
+def content_key(*parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        return self.root / f"{key}.safetensors", self.root / f"{key}.sha256"
+
+    def has(self, key: str) -> bool:
+        f, h = self.paths(key)
+        return f.is_file() and h.is_file()
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        f, h = self.paths(key)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+                os.replace(tmp, f)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            atomic_write_bytes(h, file_sha256(f).encode())
+        except OSError as e:
+            raise BenchError(f"cannot write artifact under {self.root}: {e.strerror or e}",
+                             "free disk space or set paths.results to a writable directory") from e
+        return f
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        f, h = self.paths(key)
+        if not self.has(key):
+            raise ArtifactCorrupt(f"artifact {key} is incomplete", "it will be rebuilt; delete it to force that")
+        if file_sha256(f) != h.read_text().strip():
+            raise ArtifactCorrupt(f"artifact {f} fails its sha256 check", f"delete {f} and re-run to rebuild it")
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as sf:
+            metadata = sf.metadata() or {}
+        return load_file(str(f)), metadata
+
+    def discard(self, key: str) -> None:
+        for p in self.paths(key):
+            p.unlink(missing_ok=True)

@@ -1,0 +1,71 @@
+"""Where data lives: a configurable data root with the hub (`datasets`) as the online fallback.
+
+Resolution order for the data root: the `paths.data_root` config (also set by BENCH_DATA_ROOT), then
+`../shared/data` beside the current directory or beside the source checkout. Files are only read from
+there, never copied into the repo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bench.errors import DataMissing
+
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root(configured: str | None = None) -> Path | None:
+    candidates = [configured, os.environ.get("BENCH_DATA_ROOT")]
+    candidates += [Path.cwd().parent / "shared" / "data", _SOURCE_ROOT.parent / "shared" / "data"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c).resolve()
+    return None
+
+
+def local_file(relpath: str, configured_root: str | None = None) -> Path | None:
+    root = data_root(configured_root)
+    if root is not None and (root / relpath).is_file():
+        return root / relpath
+    return None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def missing(relpath: str, configured_root: str | None, hub: str | None = None) -> DataMissing:
+    root = data_root(configured_root)
+    where = f"under {root}" if root else "(no data root found)"
+    online = f", or go online so `datasets` can load {hub}" if hub else ""
+    return DataMissing(
+        f"data file '{relpath}' not found {where}",
+        f"put it there or set paths.data_root=... / BENCH_DATA_ROOT{online}",
+    )
+
+
+def wikitext2_rows(split: str, configured_root: str | None = None, hub_path: str = "wikitext",
+                   hub_name: str = "wikitext-2-raw-v1") -> list[str]:
+    """WikiText-2 raw rows exactly as the HF `wikitext` dataset gives them (lines; blank lines as "")."""
+    fname = {"test": "wiki.test.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}[split]
+    rel = f"wikitext-2-raw-v1/{fname}"
+    path = local_file(rel, configured_root)
+    if path is not None:
+        text = path.read_text(encoding="utf-8")
+        return [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
+    if hub_offline():
+        raise missing(rel, configured_root, hub=f"{hub_path}/{hub_name}")
+    return hub_rows(hub_path, hub_name, split)
+
+
+def hub_rows(path: str, name: str | None, split: str, field: str = "text") -> list[str]:
+    """The ordinary `datasets` path (a hub id, or a local dataset directory/script)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # network, missing split, ...
+        raise DataMissing(f"could not load dataset {path}/{name} split {split}: {type(e).__name__}",
+                          "check the name or set paths.data_root to local files") from e
+    return list(ds[field])

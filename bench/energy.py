@@ -1,0 +1,60 @@
+"""Energy with provenance. Every value has a source: `rapl` (measured from /sys/class/powercap),
+`nvml` (measured by the GPU driver), `sim:<tool>` (a simulator), or `model:<table>` (an estimate from
+operation counts and a cited per-operation energy table). An estimate is never reported as a measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RAPL_ROOT = Path("/sys/class/powercap")
+
+# Horowitz, "Computing's energy problem (and what we can do about it)", ISSCC 2014, 45 nm, 0.9 V.
+# pJ per operation; a multiply-accumulate is counted as one multiply plus one add.
+HOROWITZ_45NM_PJ = {"fp32_mult": 3.7, "fp32_add": 0.9, "dram_read_32bit": 640.0}
+HOROWITZ_TABLE = "horowitz_isscc2014_45nm"
+
+
+class RaplMeter:
+    """Package energy from intel-rapl (or amd via the same powercap interface), if readable."""
+
+    def __init__(self):
+        self.zones = sorted(p for p in RAPL_ROOT.glob("intel-rapl:*") if (p / "energy_uj").is_file()
+                            and ":" not in p.name.split("intel-rapl:")[1]) if RAPL_ROOT.is_dir() else []
+        self.readable = False
+        if self.zones:
+            try:
+                self._read()
+                self.readable = True
+            except OSError:
+                self.readable = False
+
+    def _read(self) -> list[int]:
+        return [int((z / "energy_uj").read_text()) for z in self.zones]
+
+    def start(self):
+        self._t0 = self._read()
+
+    def stop_joules(self) -> float:
+        t1 = self._read()
+        total = 0
+        for z, a, b in zip(self.zones, self._t0, t1):
+            if b < a:  # counter wrapped
+                b += int((z / "max_energy_range_uj").read_text())
+            total += b - a
+        return total / 1e6
+
+
+def estimate_dense_joules(macs: float, weight_bytes: float) -> float:
+    """Op-count estimate: MACs at fp32 multiply+add energy plus one DRAM read per 32 bits of weights."""
+    pj = macs * (HOROWITZ_45NM_PJ["fp32_mult"] + HOROWITZ_45NM_PJ["fp32_add"])
+    pj += (weight_bytes / 4) * HOROWITZ_45NM_PJ["dram_read_32bit"]
+    return pj * 1e-12
+
+
+def metric_name(quantity: str, source: str) -> str:
+    """The source is part of the metric's name (MLflow names allow no ':'), e.g.
+    `energy.prefill_j_per_token.model-horowitz_isscc2014_45nm` or `energy.prefill_j_per_token.rapl`."""
+    if not source or source.split(":")[0] not in ("rapl", "nvml", "sim", "model"):
+        raise ValueError(f"energy source {source!r} is not one of rapl, nvml, sim:<tool>, model:<table>")
+    return f"energy.{quantity}.{source.replace(':', '-')}"

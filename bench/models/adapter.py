@@ -1,0 +1,110 @@
+"""The model-adapter contract: what methods may touch.
+
+Methods never reach into one architecture's internals. They ask the adapter for the decoder blocks, the
+linear layers of a block by role, the norms, embeddings and head, and they run blocks one at a time on
+cached inputs (what GPTQ-style and block-wise methods need). One adapter per architecture family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LinearRef:
+    """One linear layer of a decoder block, addressed by block index and role."""
+
+    block: int
+    role: str
+    name: str  # fully qualified module name
+    module: nn.Module
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering block 0 for each calibration batch, plus the keyword arguments (mask,
+    rotary embeddings, ...) the model passes to every block."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict] = field(default_factory=list)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class DecoderAdapter:
+    """Base for causal decoder-only LMs. Subclasses name the attributes; the logic lives here."""
+
+    kind = "causal_lm"
+    architectures: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure (subclasses override) -------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def block_norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def embeddings(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def head(self) -> nn.Module:
+        return self.model.lm_head
+
+    # --- generic logic -------------------------------------------------------------------------------
+    def linears(self) -> Iterator[LinearRef]:
+        names = {id(m): n for n, m in self.model.named_modules()}
+        for i, block in enumerate(self.blocks()):
+            for role, mod in self.block_linears(block).items():
+                yield LinearRef(i, role, names[id(mod)], mod)
+
+    def replace_linear(self, ref: LinearRef, new: nn.Module) -> None:
+        parent_name, _, attr = ref.name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        setattr(parent, attr, new)
+        ref.module = new
+
+    @torch.no_grad()
+    def capture_block_inputs(self, batches: list[torch.Tensor]) -> BlockInputs:
+        """Run the embedding stage only and record what enters block 0 (stops the forward there)."""
+        first = self.blocks()[0]
+        captured = BlockInputs(hidden=[], kwargs=[])
+
+        def grab(_module, args, kwargs):
+            captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _StopForward
+
+        handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for ids in batches:
+                try:
+                    self.model(ids.reshape(1, -1) if ids.dim() == 1 else ids, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        return captured
+
+    @torch.no_grad()
+    def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        out = self.blocks()[index](hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def n_block_linear_weights(self) -> int:
+        return sum(r.module.weight.numel() for r in self.linears())

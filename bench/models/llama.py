@@ -1,0 +1,29 @@
+"""LLaMA-family adapter: LLaMA, Mistral, Qwen2, SmolLM (same block layout in transformers)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bench.models.adapter import DecoderAdapter
+
+
+class LlamaAdapter(DecoderAdapter):
+    architectures = ("llama", "mistral", "qwen2", "qwen3")
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def block_linears(self, block):
+        a, m = block.self_attn, block.mlp
+        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+                "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj}
+
+    def block_norms(self, block):
+        return {"attn": block.input_layernorm, "mlp": block.post_attention_layernorm}
+
+    def embeddings(self):
+        return [self.model.model.embed_tokens]
+
+    def final_norm(self):
+        return self.model.model.norm

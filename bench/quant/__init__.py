@@ -1,0 +1,6 @@
+"""Shared quantization machinery: quantizers and bit packing. Plug-ins use these; they never copy them."""
+
+from bench.quant.integer import IntQuantized, n_groups, quantize_rtn, resolve_group_size
+from bench.quant.packing import pack_bits, packed_nbytes, unpack_bits
+
+__all__ = ["IntQuantized", "n_groups", "quantize_rtn", "resolve_group_size", "pack_bits", "packed_nbytes", "unpack_bits"]

@@ -1,0 +1,85 @@
+"""Integer round-to-nearest quantization of weight matrices, per output row and per input-column group.
+
+Groups follow GPTQ's reference semantics: consecutive runs of `group_size` input columns, the last group
+shorter when `group_size` does not divide the width (e.g. g128 on a 576-wide layer = 4 x 128 + 1 x 64).
+Scales are stored in fp16; dequantized values are computed from the fp16 scale so that the fake-quant model
+and an artifact reload agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bench.errors import ConfigError, check_range
+
+
+@dataclass
+class IntQuantized:
+    codes: torch.Tensor  # uint8 (out, in), values in [0, 2^bits)
+    scale: torch.Tensor  # fp16 (out, n_groups)
+    zero: torch.Tensor | None  # uint8 (out, n_groups): code of real zero (asymmetric); None if symmetric
+    bits: int
+    group_size: int  # columns per group (== in_features for per-channel)
+    symmetric: bool
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        s = self.scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :self.codes.shape[1]]
+        if self.symmetric:
+            z = float(2 ** (self.bits - 1))
+        else:
+            z = self.zero.to(torch.float32).repeat_interleave(g, dim=1)[:, :self.codes.shape[1]]
+        return (self.codes.to(torch.float32) - z) * s
+
+
+def resolve_group_size(group_size: int, in_features: int, layer: str = "") -> int:
+    if group_size in (-1, 0, None):
+        return in_features
+    if group_size < 0 or group_size > in_features:
+        raise ConfigError(f"group_size={group_size} does not fit in_features={in_features} of {layer or 'a layer'}",
+                          "use a positive group size up to the layer width, or -1 for per-channel")
+    return group_size
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return math.ceil(in_features / group_size)
+
+
+def group_minmax(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) min and max over a possibly ragged last group."""
+    out, inp = x.shape
+    ng = n_groups(inp, g)
+    pad = ng * g - inp
+    if pad:  # repeat the last column, which belongs to the last group: its min/max are unchanged
+        x = torch.cat([x, x[:, -1:].expand(out, pad)], dim=1)
+    x = x.reshape(out, ng, g)
+    return x.amin(dim=-1), x.amax(dim=-1)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
+                 layer: str = "") -> IntQuantized:
+    check_range("bits", bits, 2, 8)
+    out, inp = w.shape
+    g = resolve_group_size(group_size, inp, layer)
+    x = w.detach().to(torch.float32)
+    maxq = 2**bits - 1
+    xmin, xmax = group_minmax(x, g)
+    if symmetric:
+        amax = torch.maximum(xmax.abs(), xmin.abs())
+        scale = (2 * amax / maxq).clamp(min=1e-8).to(torch.float16)  # GPTQ's symmetric grid
+        s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :inp]
+        codes = torch.clamp(torch.round(x / s) + 2 ** (bits - 1), 0, maxq)
+        zero = None
+    else:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+        scale = ((xmax - xmin) / maxq).clamp(min=1e-8).to(torch.float16)
+        sg = scale.to(torch.float32)
+        zero = torch.clamp(torch.round(-xmin / sg), 0, maxq)
+        s = sg.repeat_interleave(g, dim=1)[:, :inp]
+        z = zero.repeat_interleave(g, dim=1)[:, :inp]
+        codes = torch.clamp(torch.round(x / s) + z, 0, maxq)
+        zero = zero.to(torch.uint8)
+    return IntQuantized(codes.to(torch.uint8), scale, zero, bits, g, symmetric)

@@ -1,0 +1,239 @@
+"""One run, one direction: config -> model -> method -> task -> backend -> MLflow record -> summary.
+
+    model    = models.load(cfg.model)
+    calib    = calib.load(cfg.calib, ...)                       (only for methods that need it)
+    packed   = artifact cache hit ? method.restore(...) : method.compress(model, calib, budget)
+    metrics  = task.evaluate(packed model)
+    measured = backend.measure(packed, task.workload())        (or unsupported, with the reason)
+    record   = one MLflow run with params, metrics, tags, artifacts; FAILED on any exception
+
+Nothing downstream reaches back upstream. The uncompressed baseline is a run like any other (method=none);
+when a compressed method runs, the baseline's result is reused from the store if the same model weights,
+task protocol and backend were already measured, and otherwise measured first.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bench import calib as calib_mod
+from bench import models, tracking
+from bench.cache import ArtifactStore, content_key, file_sha256
+from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
+from bench.plugins import Backend, Method, Task
+
+
+@dataclass
+class CellResult:
+    run_id: str
+    method: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    reused: bool = False
+
+
+def build(node: DictConfig, group: str):
+    """Instantiate a plug-in from its YAML; config mistakes become one-line ConfigErrors."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, BenchError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            bad = str(cause).split("'")[1]
+            target = node.get("_target_", "")
+            cls = _import(target)
+            valid = [f.name for f in fields(cls)] if cls else []
+            raise ConfigError(f"{group} has no option '{bad}'",
+                              f"{did_you_mean(bad, valid)}options: {', '.join(valid)}") from None
+        raise ConfigError(f"invalid {group} config: {cause}", f"check configs/{group}/") from None
+
+
+def _import(target: str):
+    import importlib
+
+    mod, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def set_determinism(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def method_code_hash(method: Method) -> str:
+    """Part of the cache key: a change to the method's code invalidates its cached artifacts."""
+    src = inspect.getsourcefile(type(method))
+    return file_sha256(src)[:16] if src else "unknown"
+
+
+class Runner:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.results = cfg.paths.results
+        self.data_root = cfg.paths.data_root
+        self.method: Method = build(cfg.method, "method")
+        self.task: Task = build(cfg.task, "task")
+        self.backend: Backend = build(cfg.hardware, "hardware")
+        self.budget = build(cfg.budget, "budget")
+        self.calib_spec = build(cfg.calib, "calib")
+        self.model_spec = build(cfg.model, "model")
+        self.store = ArtifactStore(os.path.join(self.results, "artifacts"))
+        self.timings: dict[str, float] = {}
+
+    # -- keys ------------------------------------------------------------------------------------------
+    def _task_key(self) -> str:
+        return content_key(OmegaConf.to_container(self.cfg.task, resolve=True), type(self.task).protocol_version)
+
+    def _tags(self, method_cfg: dict, model: models.LoadedModel) -> dict[str, str]:
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        cfg["method"] = method_cfg
+        versions = tracking.package_versions()
+        tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
+                "bench.model": self.model_spec.name, "bench.hardware": self.backend.name,
+                "bench.calib": self.calib_spec.name, "bench.budget": self.budget.name,
+                "bench.seed": str(self.cfg.seed), "bench.config_hash": tracking.config_hash(cfg),
+                "bench.task_key": self._task_key(), "bench.model_weights_sha256": model.weights_sha256,
+                "bench.git_commit": tracking.git_commit(), "bench.threads": str(self.cfg.threads)}
+        tags.update({f"version.{k}": v for k, v in versions.items()})
+        tags.update({f"machine.{k}": v for k, v in tracking.machine().items()})
+        return tags
+
+    # -- one cell --------------------------------------------------------------------------------------
+    def run_cell(self, model: models.LoadedModel, method: Method, method_cfg: dict) -> CellResult:
+        tags = self._tags(method_cfg, model)
+        tags["bench.method_family"] = type(method).family
+        params = OmegaConf.to_container(self.cfg, resolve=True)
+        params["method"] = method_cfg
+        timings: dict[str, float] = {}
+        with tracking.Run(f"{method_cfg['name']}|{self.task.name}|{self.model_spec.name}", params, tags) as run:
+            method.check_applicable(model)
+            self.task.check_applicable(model)
+            # --- compress (or restore from the artifact cache) ---
+            calib = None
+            calib_id = None
+            if type(method).needs_calibration:
+                calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
+                                       self.budget.calib_seqlen, self.data_root)
+                calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
+                            "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
+                run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
+            key = content_key(model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method))
+            t0 = time.perf_counter()
+            work = models.clone(model)
+            packed = None
+            if self.store.has(key):
+                try:
+                    tensors, meta = self.store.load(key)
+                    packed = method.restore(work, tensors, meta)
+                    run.tag({"bench.cache": "hit"})
+                except ArtifactCorrupt:
+                    self.store.discard(key)
+                    work = models.clone(model)
+            if packed is None:
+                set_determinism(self.cfg.seed, self.cfg.threads)
+                packed = method.compress(work, calib, self.budget)
+                timings["compress_s"] = time.perf_counter() - t0
+                t_save = time.perf_counter()
+                self.store.save(key, packed.tensors(model), packed.metadata())
+                timings["artifact_write_s"] = time.perf_counter() - t_save
+                run.tag({"bench.cache": "miss"})
+            else:
+                timings["restore_s"] = time.perf_counter() - t0
+            storage = packed.storage(model)
+            storage.artifact_bytes = self.store.paths(key)[0].stat().st_size
+            run.tag({"bench.artifact_key": key, "bench.execution": packed.execution})
+            metrics = storage.as_metrics()
+            info = {k: v for k, v in packed.info.items() if k != "train_losses"}
+            metrics.update({f"method.{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))})
+            if "train_losses" in packed.info:
+                run.json_artifact(packed.info["train_losses"], "train_losses.json")
+            if packed.per_layer:
+                run.json_artifact(packed.per_layer, "per_layer.json")
+            # --- evaluate ---
+            t0 = time.perf_counter()
+            evaluated = models.with_module(model, packed.model)
+            task_metrics = self.task.evaluate(evaluated, self.data_root)
+            timings["evaluate_s"] = time.perf_counter() - t0
+            for m in task_metrics:
+                if not m.finite:
+                    raise NumericalFailure(f"metric {m.name} is {m.value}", "the run is recorded as failed")
+                metrics[m.name] = m.value
+                if m.stderr is not None:
+                    metrics[f"{m.name}.stderr"] = m.stderr
+            run.json_artifact([{"name": m.name, "value": m.value, "direction": m.direction, "unit": m.unit,
+                                "stderr": m.stderr, "notes": m.notes, "per_sample_name": m.per_sample_name,
+                                "per_sample": m.per_sample} for m in task_metrics], "task_metrics.json")
+            run.tag({f"metric.{m.name}.direction": m.direction for m in task_metrics})
+            # --- measure ---
+            t0 = time.perf_counter()
+            reason = self.backend.supports(packed)
+            if reason:
+                run.tag({"bench.hardware_status": "unsupported", "bench.hardware_unsupported": reason})
+                measured_tags = {}
+            else:
+                measured = self.backend.measure(packed, self.task.workload(evaluated, self.data_root))
+                metrics.update(measured.metrics)
+                measured_tags = measured.tags
+                run.tag({f"hardware.{k}": v for k, v in measured.tags.items()})
+            timings["measure_s"] = time.perf_counter() - t0
+            metrics.update({f"time.{k}": v for k, v in timings.items()})
+            run.metrics(metrics)
+            run.text_artifact(OmegaConf.to_yaml(self.cfg), "config.yaml")
+            return CellResult(run.id, method_cfg["name"], metrics, {**tags, **measured_tags,
+                              "bench.execution": packed.execution}, timings)
+
+    def baseline(self, model: models.LoadedModel) -> CellResult:
+        prior = tracking.find_finished({"bench.method": "none", "bench.task_key": self._task_key(),
+                                        "bench.model_weights_sha256": model.weights_sha256,
+                                        "bench.hardware": self.backend.name})
+        if prior:
+            r = prior[0]
+            return CellResult(r.info.run_id, "none", dict(r.data.metrics), dict(r.data.tags), reused=True)
+        from bench.methods.none import NoCompression
+
+        return self.run_cell(model, NoCompression(), {"_target_": "bench.methods.none.NoCompression", "name": "none"})
+
+    def run(self) -> tuple[CellResult | None, CellResult]:
+        set_determinism(self.cfg.seed, self.cfg.threads)
+        tracking.setup(self.results)
+        t0 = time.perf_counter()
+        model = models.load(self.model_spec)
+        load_s = time.perf_counter() - t0
+        method_cfg = OmegaConf.to_container(self.cfg.method, resolve=True)
+        base = None
+        if self.method.name != "none" and self.cfg.compare_baseline:
+            base = self.baseline(model)
+        result = self.run_cell(model, self.method, method_cfg)
+        result.timings["model_load_s"] = load_s
+        return base, result
+
+
+def primary_metric(metrics: dict[str, float], task_prefix: str) -> str | None:
+    names = [k for k in metrics if k.startswith(task_prefix) and not k.endswith(".stderr")]
+    return sorted(names)[0] if names else None
+
+
+def fmt(v: float | None, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}g}"

@@ -1,0 +1,57 @@
+"""The console summary printed at the end of a run: baseline vs compressed, storage, latency, energy."""
+
+from __future__ import annotations
+
+from bench.runner import CellResult, Runner, fmt
+
+
+def _energy(metrics: dict) -> tuple[str, str]:
+    for k, v in metrics.items():
+        if k.startswith("energy.prefill_j_per_token."):
+            return fmt(v), k.rsplit(".", 1)[-1].replace("-", ":", 1)
+    return "-", "-"
+
+
+def rows(runner: Runner, results: list[CellResult]) -> list[list[str]]:
+    prefix = runner.task.metric_prefix() if hasattr(runner.task, "metric_prefix") else ""
+    out = []
+    for r in results:
+        task_metrics = [k for k in r.metrics if k.split(".")[0] in _task_roots(r.metrics)]
+        metric = task_metrics[0] if task_metrics else "-"
+        e_val, e_src = _energy(r.metrics)
+        pre = next((k for k in r.metrics if k.startswith("latency.prefill_") and k.endswith(".p50_s")), None)
+        out.append([r.method + (" (reused)" if r.reused else ""), metric, fmt(r.metrics.get(metric)),
+                    fmt(r.metrics.get("storage.bits_per_weight.block_linears")),
+                    fmt(r.metrics.get("storage.artifact_bytes", 0) / 1e6) + " MB",
+                    (fmt(r.metrics[pre] * 1e3) + " ms") if pre else "-",
+                    fmt((r.metrics.get("latency.decode_per_token.p50_s") or 0) * 1e3) + " ms",
+                    e_val + " J", e_src, r.tags.get("bench.execution", "-")])
+    del prefix
+    return out
+
+
+def _task_roots(metrics: dict) -> set[str]:
+    skip = {"storage", "latency", "throughput", "memory", "energy", "time", "method"}
+    return {k.split(".")[0] for k in metrics} - skip
+
+
+def table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -> None:
+    results = [r for r in (base, result) if r is not None]
+    header = ["method", "metric", "value", "bits/weight", "artifact", "prefill p50", "decode/token",
+              "energy/token", "energy source", "execution"]
+    print()
+    print(table(header, rows(runner, results)))
+    t = result.timings
+    split = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items() if k.endswith("_s"))
+    print(f"\nwall time: {split}")
+    print(f"model {runner.model_spec.name} | hardware {runner.backend.name} ({result.tags.get('threads', '?')} threads)"
+          f" | mlflow run {result.run_id}")
+    if result.tags.get("bench.execution") == "fake-quant":
+        print("note: latency/energy are for fake-quant execution (fp32 matmuls on dequantized weights); "
+              "accuracy is real, speed is not that of a low-bit kernel")

@@ -1,0 +1,218 @@
+"""`binarymos`: BinaryMoS, "Mixture of Scales: Memory-Efficient Token-Adaptive Binarization for Large
+Language Models" (Jo et al., NeurIPS 2024, arXiv:2406.12311).
+
+Every decoder linear layer becomes sign(W) with `n_experts` scaling experts for input and output channels.
+A router (a bias-free linear on the token's input, softmax over experts) mixes the experts per token:
+
+    p = softmax(x R^T);  s_in = p S_in;  s_out = p S_out
+    y = ((x * s_in) @ sign(W)^T) * s_out + b
+
+Experts are initialised from the rank-1 SVD of |W| (|W| ~ sqrt(s1) u1 (sqrt(s1) v1)^T, every expert the
+same), the router randomly (seeded). The student is trained by knowledge distillation from the
+uncompressed model: KL(teacher || student) on logits (reduction "batchmean", as the reference code) plus
+`l2l_scale` x the sum over blocks of the MSE between hidden states, with a straight-through estimator for
+sign (gradient passed where |W| < 1). Trainable: the latent weights, experts and routers; embeddings, norms
+and head stay frozen. AdamW with cosine schedule and warm-up; steps, lr and data come from `budget=` and
+`calib=`.
+
+Storage: 1 packed bit per weight + S_in (E x in), S_out (E x out) and R (E x in) in fp16 (+ bias), all
+counted in bits per weight. Execution is fake-quant (fp32 matmul with a +/-1 matrix).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.errors import NumericalFailure, check_range
+from bench.models import adapter_for
+from bench.packed import Packed, layer_stats
+from bench.plugins import Method
+from bench.quant import pack_bits, unpack_bits
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() < 1).to(grad.dtype)
+
+
+class BinaryMoSLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, n_experts: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.n_experts = in_features, out_features, n_experts
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # latent; only its sign is stored
+        self.in_scale = nn.Parameter(torch.empty(n_experts, in_features))
+        self.out_scale = nn.Parameter(torch.empty(n_experts, out_features))
+        self.router = nn.Linear(in_features, n_experts, bias=False)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._frozen_sign: torch.Tensor | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, n_experts: int) -> BinaryMoSLinear:
+        w = linear.weight.data.float()
+        m = cls(w.shape[1], w.shape[0], n_experts, linear.bias is not None)
+        m.weight.copy_(w)
+        u, s, vh = torch.linalg.svd(w.abs(), full_matrices=False)
+        root = s[0].sqrt()
+        m.out_scale.copy_((u[:, 0] * root).expand(n_experts, -1))
+        m.in_scale.copy_((vh[0] * root).expand(n_experts, -1))
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.data)
+        return m
+
+    def sign_matrix(self) -> torch.Tensor:
+        if self._frozen_sign is not None:
+            return self._frozen_sign
+        return _SignSTE.apply(self.weight)
+
+    def freeze(self) -> None:
+        """After training: keep the +/-1 matrix instead of recomputing sign per forward."""
+        self._frozen_sign = torch.where(self.weight.detach() >= 0, 1.0, -1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32).to(x.dtype)
+        s_in = probs @ self.in_scale
+        s_out = probs @ self.out_scale
+        y = ((x * s_in) @ self.sign_matrix().t()) * s_out
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, experts={self.n_experts}, bias={self.bias is not None}"
+
+
+@dataclass
+class BinaryMoS(Method):
+    name: str = "binarymos"
+    n_experts: int = 4
+    l2l_scale: float = 10.0  # weight of the hidden-state MSE term (reference code default)
+    seed: int = 0
+    family: ClassVar[str] = "binarization"
+    paper: ClassVar[str] = "Jo et al., Mixture of Scales: Memory-Efficient Token-Adaptive Binarization for LLMs (NeurIPS 2024)"
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_range("method.n_experts", self.n_experts, 1, 64)
+        if self.l2l_scale < 0:
+            raise ValueError("l2l_scale must be >= 0")
+
+    def _convert(self, adapter) -> list[BinaryMoSLinear]:
+        torch.manual_seed(self.seed)  # router initialisation
+        mods = []
+        for ref in list(adapter.linears()):
+            m = BinaryMoSLinear.from_linear(ref.module, self.n_experts)
+            adapter.replace_linear(ref, m)
+            mods.append(m)
+        return mods
+
+    def compress(self, model, calib, budget) -> Packed:
+        teacher = model.module
+        student = copy.deepcopy(teacher)
+        s_adapter = adapter_for(student)
+        originals = {r.name: r.module.weight.detach().clone() for r in s_adapter.linears()}
+        mos = self._convert(s_adapter)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        trainable = []
+        for m in mos:
+            for p in m.parameters():
+                p.requires_grad_(True)
+                trainable.append(p)
+
+        history = self._distill(teacher, student, trainable, calib.windows, budget)
+        packed = Packed(student, self.name, self.execution)
+        with torch.no_grad():
+            for ref, m in zip(s_adapter.linears(), mos):
+                for p in m.parameters():  # the artifact stores fp16; the evaluated model must equal it
+                    p.copy_(p.to(torch.float16).float())
+                    p.requires_grad_(False)
+                m.freeze()
+                stored = {"qweight": pack_bits((m.weight >= 0).to(torch.uint8), 1),
+                          "in_scale": m.in_scale.to(torch.float16), "out_scale": m.out_scale.to(torch.float16),
+                          "router": m.router.weight.to(torch.float16)}
+                if m.bias is not None:
+                    stored["bias"] = m.bias.to(torch.float16)
+                w0 = originals[ref.name]
+                # per-layer error of the token-averaged effective weight (experts mixed uniformly)
+                eff = m._frozen_sign * torch.outer(m.out_scale.mean(0), m.in_scale.mean(0))
+                packed.per_layer.append(layer_stats(ref, w0, eff))
+                packed.layers[ref.name] = stored
+                packed.layer_format[ref.name] = f"binarymos-1bit-{self.n_experts}experts-fp16"
+        packed.model = student
+        packed.info.update(history)
+        return packed
+
+    def _distill(self, teacher, student, params, windows, budget) -> dict:
+        steps = budget.steps()
+        g = torch.Generator().manual_seed(self.seed)
+        opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
+
+        def lr_at(step):  # linear warm-up then cosine to 0 (HF "cosine" schedule)
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        teacher.eval()
+        student.train()
+        losses = []
+        order = torch.randperm(windows.shape[0], generator=g)
+        t0 = time.perf_counter()
+        bar = tqdm(range(steps), desc="binarymos distillation", unit="step")
+        for step in bar:
+            idx = [order[(step * budget.batch_size + j) % len(order)].item() for j in range(budget.batch_size)]
+            if (step * budget.batch_size) // len(order) != ((step + 1) * budget.batch_size - 1) // len(order):
+                order = torch.randperm(windows.shape[0], generator=g)
+            ids = windows[idx]
+            with torch.no_grad():
+                t_out = teacher(ids, output_hidden_states=True, use_cache=False)
+            s_out = student(ids, output_hidden_states=True, use_cache=False)
+            kd = F.kl_div(F.log_softmax(s_out.logits.float(), -1), F.softmax(t_out.logits.float(), -1),
+                          reduction="batchmean")
+            l2l = sum(F.mse_loss(s, t) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+            loss = kd + self.l2l_scale * l2l
+            if not torch.isfinite(loss):
+                raise NumericalFailure(f"binarymos distillation loss became {loss.item()} at step {step}",
+                                       "lower budget.lr or check the calibration data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", kd=f"{float(kd):.3f}")
+        student.eval()
+        k = max(1, min(5, len(losses) // 4))
+        return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,
+                "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
+                "train_losses": losses}
+
+    @torch.no_grad()
+    def restore_layer(self, model, ref, stored) -> None:
+        out_f, in_f = ref.module.weight.shape
+        m = BinaryMoSLinear(in_f, out_f, self.n_experts, "bias" in stored)
+        bits = unpack_bits(stored["qweight"], 1, out_f * in_f, (out_f, in_f))
+        m.weight.copy_(bits.float() * 2 - 1)
+        m.in_scale.copy_(stored["in_scale"].float())
+        m.out_scale.copy_(stored["out_scale"].float())
+        m.router.weight.copy_(stored["router"].float())
+        if "bias" in stored:
+            m.bias.copy_(stored["bias"].float())
+        m.requires_grad_(False)
+        m.freeze()
+        model.adapter.replace_linear(ref, m)

@@ -1,0 +1,66 @@
+"""`rtn`: round-to-nearest integer weight quantization (per output row, per group of input columns).
+
+The classic baseline of every PTQ paper (e.g. GPTQ's Table 3 "RTN"). Weights are stored as packed
+`bits`-bit codes with an fp16 scale per group and, if asymmetric, a `bits`-bit zero point per group;
+execution is fake-quant (fp32 matmul on dequantized weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.errors import check_range
+from bench.packed import Packed, layer_stats
+from bench.plugins import Method
+from bench.quant import IntQuantized, pack_bits, quantize_rtn, resolve_group_size, unpack_bits
+
+
+@dataclass
+class RTN(Method):
+    name: str = "rtn"
+    bits: int = 4
+    group_size: int = 128  # -1 = per output channel
+    symmetric: bool = False
+    family: ClassVar[str] = "quantization"
+    paper: ClassVar[str] = "Round-to-nearest baseline (as reported in Frantar et al., GPTQ, ICLR 2023)"
+
+    def __post_init__(self):
+        check_range("method.bits", self.bits, 2, 8)
+
+    def fmt(self) -> str:
+        g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
+        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}"
+
+    @torch.no_grad()
+    def compress(self, model, calib, budget) -> Packed:
+        packed = Packed(model.module, self.name, self.execution)
+        for ref in model.adapter.linears():
+            w = ref.module.weight.data
+            q = quantize_rtn(w, self.bits, self.group_size, self.symmetric, layer=ref.name)
+            stored = {"qweight": pack_bits(q.codes, self.bits), "scale": q.scale}
+            if q.zero is not None:
+                stored["qzero"] = pack_bits(q.zero, self.bits)
+            if ref.module.bias is not None:
+                stored["bias"] = ref.module.bias.data.to(torch.float16)
+            wq = q.dequantize()
+            packed.per_layer.append(layer_stats(ref, w, wq))
+            w.copy_(wq)
+            packed.layers[ref.name] = stored
+            packed.layer_format[ref.name] = self.fmt()
+        return packed
+
+    @torch.no_grad()
+    def restore_layer(self, model, ref, stored) -> None:
+        out_f, in_f = ref.module.weight.shape
+        g = resolve_group_size(self.group_size, in_f, ref.name)
+        codes = unpack_bits(stored["qweight"], self.bits, out_f * in_f, (out_f, in_f))
+        zero = None
+        if "qzero" in stored:
+            zero = unpack_bits(stored["qzero"], self.bits, stored["scale"].numel(), stored["scale"].shape)
+        q = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
+        ref.module.weight.data.copy_(q.dequantize())
+        if "bias" in stored:
+            ref.module.bias.data.copy_(stored["bias"].float())

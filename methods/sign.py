@@ -1,0 +1,57 @@
+"""`sign`: naive binarization, W ~ alpha_r * sign(W) with alpha_r = mean |W_r| per output row.
+
+The XNOR-Net/BNN-style baseline that binarization papers start from. sign(0) is taken as +1. Stored as
+1 packed bit per weight plus one fp16 scale per output row; execution is fake-quant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.packed import Packed, layer_stats
+from bench.plugins import Method
+from bench.quant import pack_bits, unpack_bits
+
+
+def sign_bits(w: torch.Tensor) -> torch.Tensor:
+    """1 where w >= 0 (sign +1), 0 where w < 0."""
+    return (w >= 0).to(torch.uint8)
+
+
+def signs_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return bits.to(torch.float32) * 2 - 1
+
+
+@dataclass
+class SignBinarization(Method):
+    name: str = "sign"
+    family: ClassVar[str] = "binarization"
+    paper: ClassVar[str] = "Rastegari et al., XNOR-Net (ECCV 2016): sign with per-row mean-|W| scale"
+
+    @torch.no_grad()
+    def compress(self, model, calib, budget) -> Packed:
+        packed = Packed(model.module, self.name, self.execution)
+        for ref in model.adapter.linears():
+            w = ref.module.weight.data
+            scale = w.abs().mean(dim=1, keepdim=True).to(torch.float16)
+            b = sign_bits(w)
+            wq = signs_from_bits(b) * scale.float()
+            stored = {"qweight": pack_bits(b, 1), "scale": scale}
+            if ref.module.bias is not None:
+                stored["bias"] = ref.module.bias.data.to(torch.float16)
+            packed.per_layer.append(layer_stats(ref, w, wq))
+            w.copy_(wq)
+            packed.layers[ref.name] = stored
+            packed.layer_format[ref.name] = "sign-1bit-rowscale-fp16"
+        return packed
+
+    @torch.no_grad()
+    def restore_layer(self, model, ref, stored) -> None:
+        out_f, in_f = ref.module.weight.shape
+        b = unpack_bits(stored["qweight"], 1, out_f * in_f, (out_f, in_f))
+        ref.module.weight.data.copy_(signs_from_bits(b) * stored["scale"].float())
+        if "bias" in stored:
+            ref.module.bias.data.copy_(stored["bias"].float())
