@@ -18,6 +18,7 @@ from bench.errors import BenchError, unknown_choice
 
 
 def check_choices(argv: list[str]) -> None:
+    extra = registry.searchpath_dirs(argv)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -25,7 +26,7 @@ def check_choices(argv: list[str]) -> None:
         key = key.lstrip("+~")
         if key not in registry.GROUPS or not value:
             continue
-        available = registry.choices(key)
+        available = registry.choices(key, extra)
         for v in value.split(","):
             v = v.strip()
             if v and available and v not in available:

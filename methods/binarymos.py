@@ -194,7 +194,7 @@ class BinaryMoS(Method):
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", kd=f"{float(kd):.3f}")
         student.eval()
         k = max(1, min(5, len(losses) // 4))

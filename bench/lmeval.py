@@ -1,0 +1,42 @@
+"""Running the real lm-evaluation-harness on an in-memory (compressed) model.
+
+Tasks use lm-eval's stock task definitions (prompts, metrics, aggregation, stderr): bench only overrides
+the data source (`dataset_path`/`dataset_kwargs`) to point at local files when they exist. The model is
+wrapped by lm-eval's own `HFLM` around the in-memory module, so what is scored is exactly the packed model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from bench.cache import atomic_write_bytes
+
+
+def hflm(model, max_length: int, batch_size: int = 1):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model.module, tokenizer=model.tokenizer, max_length=max_length,
+                batch_size=batch_size, device="cpu", dtype=torch.float32)
+
+
+def write_jsonl(records: list[dict], path: Path) -> Path:
+    """Materialise local documents once as JSONL for `datasets`' json builder (atomic; reused)."""
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    if not path.exists() or path.read_bytes() != blob:
+        atomic_write_bytes(path, blob)
+    return path
+
+
+def evaluate(lm, task_configs: list[dict], limit: int | None = None, log_samples: bool = True) -> dict:
+    """Run lm-eval's `simple_evaluate` with stock tasks updated by `task_configs` (data source only)."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm-eval").setLevel(logging.WARNING)
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    return evaluator.simple_evaluate(model=lm, tasks=task_configs, task_manager=TaskManager(), limit=limit,
+                                     log_samples=log_samples, bootstrap_iters=0)

@@ -1,0 +1,79 @@
+"""The command line end to end on a tiny real-architecture model (fast), and its error behaviour."""
+
+from pathlib import Path
+
+from conftest import mlflow_runs, run_cli, tiny_cli_args
+
+
+def test_unknown_method_lists_choices_in_one_line(results_dir):
+    r = run_cli("method=binarymoss", results=results_dir)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "unknown method 'binarymoss'" in lines[0]
+    assert "did you mean 'binarymos'?" in lines[0]
+    assert "choices: binarymos, none, rtn, sign" in lines[0]
+    assert not (results_dir / "mlflow.db").exists()  # nothing half-written
+
+
+def test_unknown_task_and_hardware(results_dir):
+    for arg, word in (("task=wikitxt", "task"), ("hardware=gpu9", "hardware")):
+        r = run_cli(arg, results=results_dir)
+        assert r.returncode == 2 and f"unknown {word}" in r.stderr
+
+
+def test_misspelled_option_says_did_you_mean(results_dir, tiny_llama_dir):
+    r = run_cli(*tiny_cli_args(tiny_llama_dir), "method=rtn", "+method.group_sise=64", results=results_dir)
+    assert r.returncode == 2
+    assert "method has no option 'group_sise'; did you mean 'group_size'?" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_bits_is_one_line(results_dir, tiny_llama_dir):
+    r = run_cli(*tiny_cli_args(tiny_llama_dir), "method=rtn", "method.bits=1", results=results_dir)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "bench: error: method.bits=1 is out of range; use a value in [2, 8]"
+
+
+def test_help_and_cfg_job_work(results_dir):
+    r = run_cli("--help", results=results_dir)
+    assert r.returncode == 0 and "method:" in r.stdout and "binarymos" in r.stdout
+    r = run_cli("--cfg", "job", results=results_dir)
+    assert r.returncode == 0 and "_target_: bench.methods.binarymos.BinaryMoS" in r.stdout
+
+
+def test_method_raising_mid_run_leaves_failed_run_and_nonzero_exit(results_dir, tiny_llama_dir):
+    plugins = Path(__file__).parent / "plugins"
+    r = run_cli(*tiny_cli_args(tiny_llama_dir), "method=explode", f"hydra.searchpath=[file://{plugins}]",
+                "compare_baseline=false", results=results_dir)
+    assert r.returncode == 1
+    assert "boom: simulated failure inside compress" in r.stderr
+    runs = mlflow_runs(results_dir)
+    assert [x.info.status for x in runs] == ["FAILED"]
+    assert "boom" in runs[0].data.tags["error"]
+
+
+def test_rtn_run_records_everything_and_reuses_baseline(results_dir, tiny_llama_dir):
+    args = tiny_cli_args(tiny_llama_dir)
+    r = run_cli(*args, "method=rtn", "method.group_size=32", results=results_dir)
+    assert r.returncode == 0, r.stderr
+    assert "wikitext2.ppl_token.gptq_s64.first1" in r.stdout and "fake-quant" in r.stdout
+    runs = {x.data.tags["bench.method"]: x for x in mlflow_runs(results_dir)}
+    assert set(runs) == {"none", "rtn"} and all(x.info.status == "FINISHED" for x in runs.values())
+    rtn = runs["rtn"]
+    m, tags, params = rtn.data.metrics, rtn.data.tags, rtn.data.params
+    assert m["wikitext2.ppl_token.gptq_s64.first1"] > 1
+    assert abs(m["storage.bits_per_weight.block_linears"] - (4 + 20 / 32)) < 1e-9
+    assert m["storage.artifact_bytes"] > 0 and m["latency.prefill_16.p50_s"] > 0
+    assert any(k.startswith("energy.prefill_j_per_token.model-") for k in m)
+    for key in ("bench.git_commit", "bench.config_hash", "version.torch", "machine.cpu", "bench.model_weights_sha256",
+                "hardware.energy_source", "bench.execution", "bench.cache"):
+        assert tags.get(key), key
+    assert tags["hardware.energy_source"] == "model:horowitz_isscc2014_45nm"
+    assert params["method.bits"] == "4" and params["seed"] == "0"
+    # second method run: the baseline is reused from the store, not re-evaluated
+    r = run_cli(*args, "method=sign", results=results_dir)
+    assert r.returncode == 0, r.stderr
+    assert "none (reused)" in r.stdout
+    methods = sorted(x.data.tags["bench.method"] for x in mlflow_runs(results_dir))
+    assert methods == ["none", "rtn", "sign"]
