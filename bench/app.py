@@ -1,8 +1,9 @@
-"""CLI: `python -m bench method=binarymos task=wikitext` (Hydra). See README.md.
+"""CLI: `python -m bench method=binarymos task=wikitext` (Hydra); `-m` for sweeps. See README.md.
 
 Before Hydra composes anything, group choices on the command line are checked against the registry so
 that a typo gives one line with the choices and the nearest name. Errors the user can fix print one line
-(full traceback with HYDRA_FULL_ERROR=1) and exit non-zero; the MLflow run is left FAILED.
+(full traceback with HYDRA_FULL_ERROR=1) and exit non-zero; the MLflow run is left FAILED. In a sweep each
+cell is supervised by bench.sweep and a failed cell never stops the others.
 """
 
 from __future__ import annotations
@@ -11,10 +12,16 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-from bench import registry
+from bench import registry, sweep
 from bench.errors import BenchError, unknown_choice
+
+# Third-party plug-in packages (entry-point group `bench.plugins`) join Hydra's config search path.
+OmegaConf.register_new_resolver(
+    "bench_plugin_searchpath", lambda: [f"pkg://{p}" for p in registry.plugin_config_packages()], replace=True)
 
 
 def check_choices(argv: list[str]) -> None:
@@ -42,6 +49,10 @@ def _fail(err: BaseException) -> None:
 
 @hydra.main(config_path="pkg://bench.configs", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig):
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return sweep.run_cell(cfg, list(hc.overrides.task))
+
     from bench.runner import Runner
     from bench.summary import print_summary
 
@@ -61,11 +72,22 @@ def _hydra_main(cfg: DictConfig):
 
 
 def main() -> None:
+    argv = sys.argv[1:]
     try:
-        check_choices(sys.argv[1:])
+        check_choices(argv)
     except BenchError as e:
         _fail(e)
+    if not sweep.is_multirun(argv):
+        _hydra_main()
+        return
+    # A sweep: one id for all cells, and the MLflow store created/migrated once before any worker starts.
+    from bench import tracking
+
+    sid = os.environ.setdefault(sweep.SWEEP_ENV, sweep.new_sweep_id())
+    results = sweep.results_dir_from(argv)
+    tracking.setup(results)
     _hydra_main()
+    sweep.print_summary_and_exit(results, sid)
 
 
 if __name__ == "__main__":

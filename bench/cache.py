@@ -32,6 +32,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,6 +46,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; the final file gets ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -65,6 +72,7 @@ class ArtifactStore:
             os.close(fd)
             try:
                 save_file(tensors, tmp, metadata=metadata)
+                os.chmod(tmp, _umask_mode())
                 os.replace(tmp, f)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

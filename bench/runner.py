@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import calib as calib_mod
-from bench import models, tracking
+from bench import models, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
 from bench.plugins import Backend, Method, Task
@@ -98,7 +98,6 @@ class Runner:
         self.calib_spec = build(cfg.calib, "calib")
         self.model_spec = build(cfg.model, "model")
         self.store = ArtifactStore(os.path.join(self.results, "artifacts"))
-        self.timings: dict[str, float] = {}
 
     # -- keys ------------------------------------------------------------------------------------------
     def _task_key(self) -> str:
@@ -111,7 +110,8 @@ class Runner:
         tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
                 "bench.model": self.model_spec.name, "bench.hardware": self.backend.name,
                 "bench.calib": self.calib_spec.name, "bench.budget": self.budget.name,
-                "bench.seed": str(self.cfg.seed), "bench.config_hash": tracking.config_hash(cfg),
+                "bench.seed": str(self.cfg.seed), "bench.config_hash": sweep.cell_hash(cfg),
+                "bench.sweep": sweep.sweep_id() or "-",
                 "bench.task_key": self._task_key(), "bench.model_weights_sha256": model.weights_sha256,
                 "bench.git_commit": tracking.git_commit(), "bench.threads": str(self.cfg.threads)}
         tags.update({f"version.{k}": v for k, v in versions.items()})
@@ -119,6 +119,33 @@ class Runner:
         return tags
 
     # -- one cell --------------------------------------------------------------------------------------
+    def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, timings: dict):
+        calib = calib_id = None
+        if type(method).needs_calibration:
+            calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
+                                   self.budget.calib_seqlen, self.data_root)
+            calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
+                        "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
+            run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
+        key = content_key(model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method))
+        t0 = time.perf_counter()
+        if self.store.has(key):
+            try:
+                packed = method.restore(models.clone(model), *self.store.load(key))
+                timings["restore_s"] = time.perf_counter() - t0
+                run.tag({"bench.cache": "hit", "bench.artifact_key": key})
+                return packed, key
+            except ArtifactCorrupt:
+                self.store.discard(key)  # rebuilt below; the corrupt file is never trusted
+        set_determinism(self.cfg.seed, self.cfg.threads)
+        packed = method.compress(models.clone(model), calib, self.budget)
+        timings["compress_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.store.save(key, packed.tensors(model), packed.metadata())
+        timings["artifact_write_s"] = time.perf_counter() - t0
+        run.tag({"bench.cache": "miss", "bench.artifact_key": key})
+        return packed, key
+
     def run_cell(self, model: models.LoadedModel, method: Method, method_cfg: dict) -> CellResult:
         tags = self._tags(method_cfg, model)
         tags["bench.method_family"] = type(method).family
@@ -128,40 +155,10 @@ class Runner:
         with tracking.Run(f"{method_cfg['name']}|{self.task.name}|{self.model_spec.name}", params, tags) as run:
             method.check_applicable(model)
             self.task.check_applicable(model)
-            # --- compress (or restore from the artifact cache) ---
-            calib = None
-            calib_id = None
-            if type(method).needs_calibration:
-                calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
-                                       self.budget.calib_seqlen, self.data_root)
-                calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
-                            "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
-                run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
-            key = content_key(model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method))
-            t0 = time.perf_counter()
-            work = models.clone(model)
-            packed = None
-            if self.store.has(key):
-                try:
-                    tensors, meta = self.store.load(key)
-                    packed = method.restore(work, tensors, meta)
-                    run.tag({"bench.cache": "hit"})
-                except ArtifactCorrupt:
-                    self.store.discard(key)
-                    work = models.clone(model)
-            if packed is None:
-                set_determinism(self.cfg.seed, self.cfg.threads)
-                packed = method.compress(work, calib, self.budget)
-                timings["compress_s"] = time.perf_counter() - t0
-                t_save = time.perf_counter()
-                self.store.save(key, packed.tensors(model), packed.metadata())
-                timings["artifact_write_s"] = time.perf_counter() - t_save
-                run.tag({"bench.cache": "miss"})
-            else:
-                timings["restore_s"] = time.perf_counter() - t0
+            packed, key = self._compress_or_restore(run, model, method, method_cfg, timings)
             storage = packed.storage(model)
             storage.artifact_bytes = self.store.paths(key)[0].stat().st_size
-            run.tag({"bench.artifact_key": key, "bench.execution": packed.execution})
+            late_tags = {"bench.execution": packed.execution}
             metrics = storage.as_metrics()
             info = {k: v for k, v in packed.info.items() if k != "train_losses"}
             metrics.update({f"method.{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))})
@@ -180,27 +177,25 @@ class Runner:
                 metrics[m.name] = m.value
                 if m.stderr is not None:
                     metrics[f"{m.name}.stderr"] = m.stderr
+                late_tags[f"metric.{m.name}.direction"] = m.direction
             run.json_artifact([{"name": m.name, "value": m.value, "direction": m.direction, "unit": m.unit,
                                 "stderr": m.stderr, "notes": m.notes, "per_sample_name": m.per_sample_name,
                                 "per_sample": m.per_sample} for m in task_metrics], "task_metrics.json")
-            run.tag({f"metric.{m.name}.direction": m.direction for m in task_metrics})
             # --- measure ---
             t0 = time.perf_counter()
             reason = self.backend.supports(packed)
             if reason:
-                run.tag({"bench.hardware_status": "unsupported", "bench.hardware_unsupported": reason})
-                measured_tags = {}
+                late_tags.update({"bench.hardware_status": "unsupported", "bench.hardware_unsupported": reason})
             else:
                 measured = self.backend.measure(packed, self.task.workload(evaluated, self.data_root))
                 metrics.update(measured.metrics)
-                measured_tags = measured.tags
-                run.tag({f"hardware.{k}": v for k, v in measured.tags.items()})
+                late_tags.update({f"hardware.{k}": v for k, v in measured.tags.items()})
             timings["measure_s"] = time.perf_counter() - t0
             metrics.update({f"time.{k}": v for k, v in timings.items()})
+            run.tag(late_tags)
             run.metrics(metrics)
-            run.text_artifact(OmegaConf.to_yaml(self.cfg), "config.yaml")
-            return CellResult(run.id, method_cfg["name"], metrics, {**tags, **measured_tags,
-                              "bench.execution": packed.execution}, timings)
+            run.text_artifact(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+            return CellResult(run.id, method_cfg["name"], metrics, {**tags, **late_tags}, timings)
 
     def baseline(self, model: models.LoadedModel) -> CellResult:
         prior = tracking.find_finished({"bench.method": "none", "bench.task_key": self._task_key(),

@@ -12,8 +12,7 @@ def _energy(metrics: dict) -> tuple[str, str]:
     return "-", "-"
 
 
-def rows(runner: Runner, results: list[CellResult]) -> list[list[str]]:
-    prefix = runner.task.metric_prefix() if hasattr(runner.task, "metric_prefix") else ""
+def rows(results: list[CellResult]) -> list[list[str]]:
     out = []
     for r in results:
         task_metrics = [k for k in r.metrics if k.split(".")[0] in _task_roots(r.metrics)]
@@ -26,7 +25,6 @@ def rows(runner: Runner, results: list[CellResult]) -> list[list[str]]:
                     (fmt(r.metrics[pre] * 1e3) + " ms") if pre else "-",
                     fmt((r.metrics.get("latency.decode_per_token.p50_s") or 0) * 1e3) + " ms",
                     e_val + " J", e_src, r.tags.get("bench.execution", "-")])
-    del prefix
     return out
 
 
@@ -46,11 +44,11 @@ def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -
     header = ["method", "metric", "value", "bits/weight", "artifact", "prefill p50", "decode/token",
               "energy/token", "energy source", "execution"]
     print()
-    print(table(header, rows(runner, results)))
+    print(table(header, rows(results)))
     t = result.timings
     split = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items() if k.endswith("_s"))
     print(f"\nwall time: {split}")
-    print(f"model {runner.model_spec.name} | hardware {runner.backend.name} ({result.tags.get('threads', '?')} threads)"
+    print(f"model {runner.model_spec.name} | hardware {runner.backend.name} ({result.tags.get('hardware.threads', '?')} threads)"
           f" | mlflow run {result.run_id}")
     if result.tags.get("bench.execution") == "fake-quant":
         print("note: latency/energy are for fake-quant execution (fp32 matmuls on dequantized weights); "

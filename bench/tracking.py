@@ -9,6 +9,7 @@ raises ends FAILED with the error in its tags.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +30,18 @@ PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "lm_eval", "ac
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
+def retry(fn, *args, attempts: int = 30, **kwargs):
+    """Call an MLflow function, retrying while a concurrent writer holds the sqlite lock."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # sqlalchemy OperationalError, wrapped or not, depending on the call
+            text = str(e).lower()
+            if i == attempts - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(min(0.05 * 2**i, 2.0))
+
+
 def tracking_uri(results_dir: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
@@ -45,11 +58,11 @@ def setup(results_dir: str | Path) -> str:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    if retry(mlflow.get_experiment_by_name, EXPERIMENT) is None:
         art = Path(results_dir).resolve() / "mlartifacts"
         with contextlib.suppress(Exception):  # a concurrent worker may have created it first
             mlflow.create_experiment(EXPERIMENT, artifact_location=art.as_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    retry(mlflow.set_experiment, EXPERIMENT)
     return uri
 
 
@@ -57,6 +70,7 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_SOURCE_ROOT, capture_output=True, text=True,
@@ -90,7 +104,19 @@ def machine() -> dict[str, str]:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f"{kb / 2**20:.1f}GiB"
     return {"host": socket.gethostname(), "cpu": cpu, "cores": str(os.cpu_count()), "memory": mem,
-            "platform": platform.platform(), "python": platform.python_version()}
+            "memory_limit": memory_limit(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def memory_limit() -> str:
+    """The limits this process runs under: its address-space rlimit and its cgroup's memory.max."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    rl = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / 2**30:.1f}GiB"
+    cg = "none"
+    with contextlib.suppress(OSError):
+        cg = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    return f"rlimit_as={rl} cgroup={cg}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -111,56 +137,98 @@ class Run:
         self.name, self.params, self.tags = name, params, tags
 
     def __enter__(self) -> Run:
-        self.run = mlflow.start_run(run_name=self.name)
+        self.run = retry(mlflow.start_run, run_name=self.name)
         self.id = self.run.info.run_id
-        mlflow.set_tags({k: str(v) for k, v in self.tags.items()})
-        params = flatten(self.params)
-        items = list(params.items())
+        self.tag({**self.tags, "bench.pid": os.getpid(), "bench.host": socket.gethostname()})
+        items = list(flatten(self.params).items())
         for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i:i + 100]))
+            retry(mlflow.log_params, dict(items[i:i + 100]))
         return self
 
     def metrics(self, metrics: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         if clean:
-            mlflow.log_metrics(clean)
+            retry(mlflow.log_metrics, clean)
 
     def tag(self, tags: dict) -> None:
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        retry(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
 
     def json_artifact(self, obj, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / name
             p.write_text(json.dumps(obj, indent=1, default=str))
-            mlflow.log_artifact(str(p))
+            retry(mlflow.log_artifact, str(p))
 
     def text_artifact(self, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / name
             p.write_text(text)
-            mlflow.log_artifact(str(p))
+            retry(mlflow.log_artifact, str(p))
 
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
-            mlflow.end_run("FINISHED")
+            retry(mlflow.end_run, "FINISHED")
             return False
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         with contextlib.suppress(Exception):
-            mlflow.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000], "status_reason": status})
-        mlflow.end_run(status)
+            self.tag({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        retry(mlflow.end_run, status)
         return False
 
 
-def find_finished(filter_tags: dict[str, str]) -> list:
-    """FINISHED runs whose tags equal `filter_tags` (newest first)."""
+def find_runs(filter_tags: dict[str, str], status: str = "FINISHED") -> list:
+    """Runs with `status` whose tags equal `filter_tags` (newest first)."""
     client = MlflowClient()
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    exp = retry(client.get_experiment_by_name, EXPERIMENT)
     if exp is None:
         return []
     clauses = [f"tags.`{k}` = '{v}'" for k, v in filter_tags.items()]
-    clauses.append("attributes.status = 'FINISHED'")
-    return client.search_runs([exp.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
+    clauses.append(f"attributes.status = '{status}'")
+    return retry(client.search_runs, [exp.experiment_id], " and ".join(clauses),
+                 order_by=["attributes.start_time DESC"])
+
+
+def find_finished(filter_tags: dict[str, str]) -> list:
+    return find_runs(filter_tags, "FINISHED")
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
+def close_stale_runs(config_hash: str) -> int:
+    """Mark RUNNING runs of this cell whose process is gone (a killed sweep) as KILLED."""
+    client, n = MlflowClient(), 0
+    for r in find_runs({"bench.config_hash": config_hash}, "RUNNING"):
+        t = r.data.tags
+        if t.get("bench.host") == socket.gethostname() and not _pid_alive(t.get("bench.pid", "")):
+            retry(client.set_tag, r.info.run_id, "error", "process gone while RUNNING (sweep killed)")
+            retry(client.set_terminated, r.info.run_id, "KILLED")
+            n += 1
+    return n
+
+
+def fail_open_runs(config_hash: str, error: str) -> None:
+    """A cell's worker died: close its still-RUNNING runs as FAILED with the reason."""
+    client = MlflowClient()
+    for r in find_runs({"bench.config_hash": config_hash}, "RUNNING"):
+        retry(client.set_tag, r.info.run_id, "error", error[:5000])
+        retry(client.set_terminated, r.info.run_id, "FAILED")
 
 
 def now() -> float:
     return time.time()
+
+
+def record_failure(name: str, params: dict, tags: dict, error: str) -> str:
+    """A FAILED run for a cell that failed before its own run could start (e.g. a bad config value)."""
+    run = Run(name, params, tags).__enter__()
+    run.tag({"error": error[:5000]})
+    retry(mlflow.end_run, "FAILED")
+    return run.id

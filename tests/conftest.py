@@ -86,8 +86,8 @@ def results_dir(tmp_path, monkeypatch):
 
 
 def run_cli(*args: str, results: Path, env: dict | None = None, timeout: int = 900):
-    e = {**os.environ, "BENCH_RESULTS": str(results), "HYDRA_FULL_ERROR": "0", **(env or {})}
-    e.pop("HYDRA_FULL_ERROR") if (env or {}).get("HYDRA_FULL_ERROR") is None else None
+    e = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    e.update({"BENCH_RESULTS": str(results), **(env or {})})
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "plugins"), e.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=e, capture_output=True,
                           text=True, timeout=timeout)

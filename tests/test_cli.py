@@ -77,3 +77,37 @@ def test_rtn_run_records_everything_and_reuses_baseline(results_dir, tiny_llama_
     assert "none (reused)" in r.stdout
     methods = sorted(x.data.tags["bench.method"] for x in mlflow_runs(results_dir))
     assert methods == ["none", "rtn", "sign"]
+
+
+def test_third_party_plugin_package_is_discovered(results_dir, tmp_path):
+    """A package declaring a `bench.plugins` entry point adds its config groups without forking bench."""
+    site = tmp_path / "site"
+    pkg = site / "benchx_plugins"
+    (pkg / "method").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "method" / "xnorx.yaml").write_text("_target_: bench.methods.sign.SignBinarization\nname: xnorx\n")
+    dist = site / "benchx_plugins-0.0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: benchx-plugins\nVersion: 0.0.1\n")
+    (dist / "entry_points.txt").write_text("[bench.plugins]\nbenchx = benchx_plugins\n")
+    r = run_cli("method=xnorx", "--cfg", "job", results=results_dir, env={"PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    assert "name: xnorx" in r.stdout
+    r = run_cli("method=xnorz", results=results_dir, env={"PYTHONPATH": str(site)})
+    assert "did you mean 'xnorx'?" in r.stderr
+
+
+def test_second_task_reuses_the_compressed_model(results_dir, tiny_llama_dir):
+    args = [*tiny_cli_args(tiny_llama_dir), "method=rtn", "method.group_size=32", "compare_baseline=false"]
+    r = run_cli(*args, "task=wikitext", results=results_dir)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*args, "task=wikitext_lmeval", "task.max_length=64", results=results_dir)
+    assert r.returncode == 0, r.stderr
+    runs = {x.data.tags["bench.task"]: x for x in mlflow_runs(results_dir)}
+    assert runs["wikitext"].data.tags["bench.cache"] == "miss"
+    assert runs["wikitext_lmeval"].data.tags["bench.cache"] == "hit"
+    assert runs["wikitext_lmeval"].data.tags["bench.artifact_key"] == runs["wikitext"].data.tags["bench.artifact_key"]
+    assert "time.restore_s" in runs["wikitext_lmeval"].data.metrics
+    assert "time.compress_s" not in runs["wikitext_lmeval"].data.metrics
+    m = runs["wikitext_lmeval"].data.metrics
+    assert m["wikitext2.word_ppl.lmeval_ml64.first1"] > 1

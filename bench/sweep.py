@@ -1,0 +1,176 @@
+"""Sweeps: Hydra multirun cells, each supervised in its own process, resumable, summarised at the end.
+
+Launching is Hydra's job (joblib locally, submitit for SLURM, Ray): bench never schedules cells itself.
+What bench adds inside each Hydra job:
+
+- isolation: the cell runs in a spawned child process, so a crash, an out-of-memory kill or a timeout
+  (`cell_timeout_min`) of one cell is recorded as FAILED and the sweep goes on, whatever the launcher;
+- resume: a cell whose config hash already has a FINISHED run in MLflow is skipped; a RUNNING run left by
+  a killed sweep is closed as KILLED before its cell is re-run, so nothing is duplicated;
+- a status file per cell under `results/sweeps/<sweep id>/`, from which the sweep's final table is printed
+  (finished / failed / skipped / unsupported), with a non-zero exit status if any cell failed.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench import tracking
+from bench.cache import atomic_write_bytes
+
+SWEEP_ENV = "BENCH_SWEEP_ID"
+
+
+def new_sweep_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+
+
+def sweep_id() -> str:
+    return os.environ.get(SWEEP_ENV, "")
+
+
+def status_dir(results: str, sid: str) -> Path:
+    return Path(results) / "sweeps" / sid
+
+
+def cell_identity(cfg) -> dict:
+    """What defines a cell's result: everything but where files live and whether a baseline is shown."""
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c.pop("paths", None)
+    c.pop("compare_baseline", None)
+    c.pop("hydra", None)
+    return c
+
+
+def cell_hash(cfg) -> str:
+    return tracking.config_hash(cell_identity(cfg))
+
+
+def _child(container: dict, result_path: str) -> None:
+    """Runs one cell in a fresh process and writes its outcome as JSON."""
+    cfg = OmegaConf.create(container)
+    if cfg.get("cell_memory_gb"):
+        limit = int(cfg.cell_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from bench.errors import BenchError
+    from bench.runner import Runner
+
+    out: dict = {"status": "failed"}
+    try:
+        runner = Runner(cfg)
+        _, result = runner.run()
+        unsupported = result.tags.get("bench.hardware_status") == "unsupported"
+        out = {"status": "unsupported" if unsupported else "finished", "run_id": result.run_id,
+               "metrics": {k: v for k, v in result.metrics.items() if k.split(".")[0] not in
+                           ("time", "method", "memory", "throughput")}}
+    except BenchError as e:
+        out = {"status": "failed", "error": str(e)}
+    except MemoryError:
+        out = {"status": "failed", "error": "out of memory (MemoryError)"}
+    except Exception as e:  # noqa: BLE001 - every failure is recorded, none stops the sweep
+        out = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    atomic_write_bytes(Path(result_path), json.dumps(out).encode())
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (killed: out of memory?)" if -code == signal.SIGKILL else ""
+        return f"worker died from {name}{hint}"
+    return f"worker exited with status {code} before recording a result"
+
+
+def run_cell(cfg: DictConfig, overrides: list[str]) -> dict:
+    """One Hydra job of a sweep. Never raises: the outcome is returned and written as a status file."""
+    sid = sweep_id() or new_sweep_id()
+    results = cfg.paths.results
+    tracking.setup(results)
+    h = cell_hash(cfg)
+    label = " ".join(overrides) or "(defaults)"
+    tracking.close_stale_runs(h)
+    t0 = time.time()
+    prior = tracking.find_finished({"bench.config_hash": h})
+    if prior:
+        status = {"status": "skipped", "run_id": prior[0].info.run_id, "reason": "already FINISHED in the store"}
+    else:
+        out_dir = status_dir(results, sid)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result_path = out_dir / f".{h}.result.json"
+        result_path.unlink(missing_ok=True)
+        container = OmegaConf.to_container(cfg, resolve=True)
+        ctx = mp.get_context("spawn")
+        proc = ctx.Process(target=_child, args=(container, str(result_path)), name=f"bench-cell-{h}")
+        proc.start()
+        timeout = cfg.get("cell_timeout_min")
+        proc.join(timeout * 60 if timeout else None)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            status = {"status": "failed", "error": f"timeout after {timeout} min (cell_timeout_min)"}
+        elif result_path.exists():
+            status = json.loads(result_path.read_text())
+            result_path.unlink(missing_ok=True)
+        else:
+            status = {"status": "failed", "error": _describe_exit(proc.exitcode)}
+        if status["status"] == "failed":
+            tracking.fail_open_runs(h, status["error"])
+            if not tracking.find_runs({"bench.config_hash": h, "bench.sweep": sid}, "FAILED"):
+                # it failed before its run started (e.g. a bad config value): record it all the same
+                tracking.record_failure(label, cell_identity(cfg), {"bench.config_hash": h, "bench.sweep": sid,
+                                                                    "bench.cell": label}, status["error"])
+    status.update({"cell": label, "config_hash": h, "seconds": round(time.time() - t0, 1)})
+    path = status_dir(results, sid) / f"{h}.json"
+    atomic_write_bytes(path, json.dumps(status, default=str).encode())
+    print(f"[bench sweep {sid}] {status['status'].upper():11s} {label}"
+          + (f" -- {status['error']}" if status.get("error") else ""), flush=True)
+    return status
+
+
+def summary(results: str, sid: str) -> tuple[str, bool]:
+    """The sweep's table and whether any cell failed."""
+    from bench.summary import table
+
+    rows, failed = [], False
+    for p in sorted(status_dir(results, sid).glob("*.json")):
+        s = json.loads(p.read_text())
+        failed |= s["status"] == "failed"
+        metric = next((f"{k}={v:.4g}" for k, v in (s.get("metrics") or {}).items()
+                       if k.split(".")[0] not in ("storage", "latency", "energy")), "")
+        rows.append([s["status"], s["cell"], s.get("run_id", "-") or "-", metric, (s.get("error") or "")[:120]])
+    counts = {k: sum(r[0] == k for r in rows) for k in ("finished", "failed", "skipped", "unsupported")}
+    head = f"sweep {sid}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    body = table(["status", "cell", "mlflow run", "metric", "error"], rows) if rows else "(no cells ran)"
+    return f"{head}\n{body}", failed
+
+
+def is_multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") or a.startswith("sweep=") or a == "hydra.mode=MULTIRUN" for a in argv)
+
+
+def results_dir_from(argv: list[str]) -> str:
+    for a in argv:
+        if a.startswith("paths.results="):
+            return a.split("=", 1)[1]
+    return os.environ.get("BENCH_RESULTS", "results")
+
+
+def print_summary_and_exit(results: str, sid: str) -> None:
+    text, failed = summary(results, sid)
+    print("\n" + text, flush=True)
+    if failed:
+        sys.exit(1)
