@@ -8,6 +8,7 @@ cell is supervised by bench.sweep and a failed cell never stops the others.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -17,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench import registry, sweep
-from bench.errors import BenchError, unknown_choice
+from bench.errors import BenchError, did_you_mean, unknown_choice
 
 # Third-party plug-in packages (entry-point group `bench.plugins`) join Hydra's config search path.
 OmegaConf.register_new_resolver(
@@ -38,6 +39,39 @@ def check_choices(argv: list[str]) -> None:
             v = v.strip()
             if v and available and v not in available:
                 raise unknown_choice(key, v, available)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config once with the plain (non-sweep) overrides, so that a misspelled key gives one
+    line with the nearest option instead of Hydra's multi-line report."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf as OC
+
+    plain = [a for a in argv if "=" in a and not a.startswith(("-", "hydra")) and "," not in a
+             and a.split("=", 1)[0].lstrip("+~") not in registry.GROUPS]
+    if not plain:
+        return
+    groups = [a for a in argv if "=" in a and "," not in a and a.split("=", 1)[0].lstrip("+~") in registry.GROUPS]
+    groups += [a for a in argv if a.startswith("hydra.searchpath=")]
+    with initialize_config_module("bench.configs", version_base=None):
+        try:
+            compose("config", overrides=groups + plain)
+        except ConfigCompositionException as e:
+            text = str(e)
+            if "Could not override '" not in text:
+                raise BenchError(text.splitlines()[0], "check the override syntax (key=value)") from None
+            key = text.split("Could not override '", 1)[1].split("'", 1)[0]
+            parent, _, leaf = key.rpartition(".")
+            cfg = compose("config", overrides=groups)
+            node = OC.select(cfg, parent) if parent else cfg
+            options = sorted(node.keys()) if OC.is_dict(node) else []
+            raise BenchError(f"{parent or 'config'} has no option '{leaf}'",
+                             f"{did_you_mean(leaf, options)}options: {', '.join(map(str, options))}") from None
+        except Exception as e:  # override grammar errors
+            if isinstance(e, BenchError):
+                raise
+            raise BenchError(f"invalid override: {str(e).splitlines()[0]}", "use key=value (see --help)") from None
 
 
 def _fail(err: BaseException) -> None:
@@ -68,6 +102,10 @@ def _hydra_main(cfg: DictConfig):
               file=sys.stderr)
         raise SystemExit(1)
     print_summary(runner, base, result)
+    if result.tags.get("bench.task_failures"):
+        for task, err in json.loads(result.tags["bench.task_failures"]).items():
+            print(f"bench: error: {task}: {err}", file=sys.stderr)
+        raise SystemExit(1)
     return result.metrics
 
 
@@ -75,6 +113,7 @@ def main() -> None:
     argv = sys.argv[1:]
     try:
         check_choices(argv)
+        check_overrides(argv)
     except BenchError as e:
         _fail(e)
     if not sweep.is_multirun(argv):

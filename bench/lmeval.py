@@ -7,6 +7,7 @@ wrapped by lm-eval's own `HFLM` around the in-memory module, so what is scored i
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -31,12 +32,20 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
-def evaluate(lm, task_configs: list[dict], limit: int | None = None, log_samples: bool = True) -> dict:
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval indexes its thousands of task YAMLs once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def evaluate(lm, task_configs: list[dict], limit: int | None = None, log_samples: bool = True,
+             bootstrap_iters: int = 0) -> dict:
     """Run lm-eval's `simple_evaluate` with stock tasks updated by `task_configs` (data source only)."""
     from lm_eval import evaluator
-    from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    return evaluator.simple_evaluate(model=lm, tasks=task_configs, task_manager=TaskManager(), limit=limit,
-                                     log_samples=log_samples, bootstrap_iters=0)
+    return evaluator.simple_evaluate(model=lm, tasks=task_configs, task_manager=task_manager(), limit=limit,
+                                     log_samples=log_samples, bootstrap_iters=bootstrap_iters)

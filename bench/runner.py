@@ -15,6 +15,7 @@ task protocol and backend were already measured, and otherwise measured first.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import random
@@ -178,6 +179,9 @@ class Runner:
                 if m.stderr is not None:
                     metrics[f"{m.name}.stderr"] = m.stderr
                 late_tags[f"metric.{m.name}.direction"] = m.direction
+            failures = getattr(self.task, "failures", None)
+            if failures:  # part of a multi-task run could not run (e.g. missing data): said, not hidden
+                late_tags["bench.task_failures"] = json.dumps(failures)
             run.json_artifact([{"name": m.name, "value": m.value, "direction": m.direction, "unit": m.unit,
                                 "stderr": m.stderr, "notes": m.notes, "per_sample_name": m.per_sample_name,
                                 "per_sample": m.per_sample} for m in task_metrics], "task_metrics.json")

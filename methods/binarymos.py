@@ -138,11 +138,15 @@ class BinaryMoS(Method):
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
             for ref, m in zip(s_adapter.linears(), mos):
-                for p in m.parameters():  # the artifact stores fp16; the evaluated model must equal it
-                    p.copy_(p.to(torch.float16).float())
-                    p.requires_grad_(False)
+                # Only sign(W) is stored: the latent weight becomes the +/-1 matrix itself, and the stored
+                # fp16 experts/router/bias replace their fp32 values, so the evaluated model is the artifact.
+                m.weight.copy_(torch.where(m.weight >= 0, 1.0, -1.0))
+                for p in (m.in_scale, m.out_scale, m.router.weight, m.bias):
+                    if p is not None:
+                        p.copy_(p.to(torch.float16).float())
+                m.requires_grad_(False)
                 m.freeze()
-                stored = {"qweight": pack_bits((m.weight >= 0).to(torch.uint8), 1),
+                stored = {"qweight": pack_bits((m.weight > 0).to(torch.uint8), 1),
                           "in_scale": m.in_scale.to(torch.float16), "out_scale": m.out_scale.to(torch.float16),
                           "router": m.router.weight.to(torch.float16)}
                 if m.bias is not None:
@@ -153,7 +157,6 @@ class BinaryMoS(Method):
                 packed.per_layer.append(layer_stats(ref, w0, eff))
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = f"binarymos-1bit-{self.n_experts}experts-fp16"
-        packed.model = student
         packed.info.update(history)
         return packed
 
@@ -195,7 +198,7 @@ class BinaryMoS(Method):
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", kd=f"{float(kd):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", kd=f"{float(kd.detach()):.3f}")
         student.eval()
         k = max(1, min(5, len(losses) // 4))
         return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,

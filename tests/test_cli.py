@@ -29,6 +29,13 @@ def test_misspelled_option_says_did_you_mean(results_dir, tiny_llama_dir):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_misspelled_key_without_plus_is_one_line(results_dir):
+    r = run_cli("method=rtn", "method.group_sise=64", results=results_dir)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("bench: error: method has no option 'group_sise'; did you mean 'group_size'?")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_bad_bits_is_one_line(results_dir, tiny_llama_dir):
     r = run_cli(*tiny_cli_args(tiny_llama_dir), "method=rtn", "method.bits=1", results=results_dir)
     assert r.returncode == 2
@@ -98,8 +105,9 @@ def test_third_party_plugin_package_is_discovered(results_dir, tmp_path):
 
 
 def test_second_task_reuses_the_compressed_model(results_dir, tiny_llama_dir):
-    args = [*tiny_cli_args(tiny_llama_dir), "method=rtn", "method.group_size=32", "compare_baseline=false"]
-    r = run_cli(*args, "task=wikitext", results=results_dir)
+    args = [a for a in tiny_cli_args(tiny_llama_dir) if not a.startswith("task.seqlen")]
+    args += ["method=rtn", "method.group_size=32", "compare_baseline=false"]
+    r = run_cli(*args, "task=wikitext", "task.seqlen=64", results=results_dir)
     assert r.returncode == 0, r.stderr
     r = run_cli(*args, "task=wikitext_lmeval", "task.max_length=64", results=results_dir)
     assert r.returncode == 0, r.stderr

@@ -21,17 +21,17 @@ def _statuses(runs):
 
 def test_sweep_of_12_cells_with_one_failing(results_dir, tiny_llama_dir):
     r = run_cli("-m", *tiny_cli_args(tiny_llama_dir), "compare_baseline=false", "method=rtn",
-                "method.bits=2,3,4,8", "method.group_size=16,32,100", results=results_dir)
-    # group_size=100 exceeds the tiny model's 64-wide layers: those 4 cells fail, the 8 others finish
+                "method.bits=2,3,4,8", "method.group_size=16,32,200", results=results_dir)
+    # group_size=200 exceeds the tiny model's 128-wide layers: those 4 cells fail, the 8 others finish
     assert r.returncode == 1, r.stderr[-2000:]
     assert "8 finished, 4 failed, 0 skipped, 0 unsupported" in r.stdout
-    assert "group_size=100 does not fit in_features=64" in r.stdout
+    assert "group_size=200 does not fit in_features=128" in r.stdout
     runs = mlflow_runs(results_dir)
     assert sorted(x.info.status for x in runs) == ["FAILED"] * 4 + ["FINISHED"] * 8
-    assert all("group_size=100" in x.data.tags["error"] for x in runs if x.info.status == "FAILED")
+    assert all("group_size=200" in x.data.tags["error"] for x in runs if x.info.status == "FAILED")
     # re-running the same sweep skips every finished cell and re-runs only the failed ones
     r = run_cli("-m", *tiny_cli_args(tiny_llama_dir), "compare_baseline=false", "method=rtn",
-                "method.bits=2,3,4,8", "method.group_size=16,32,100", results=results_dir)
+                "method.bits=2,3,4,8", "method.group_size=16,32,200", results=results_dir)
     assert "0 finished, 4 failed, 8 skipped" in r.stdout
     assert len([x for x in mlflow_runs(results_dir) if x.info.status == "FINISHED"]) == 8
 
@@ -52,8 +52,9 @@ def test_kill_mid_sweep_then_resume_loses_nothing_and_duplicates_nothing(results
     proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if (results_dir / "mlflow.db").exists() and any(x.info.status == "FINISHED" for x in mlflow_runs(results_dir)):
+    while time.time() < deadline:  # wait for the first finished cell's status file (not the store: it is
+        done = [p for p in (results_dir / "sweeps").glob("*/*.json")]  # being created by the sweep itself)
+        if any(json.loads(p.read_text())["status"] == "finished" for p in done):
             break
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
