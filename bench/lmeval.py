@@ -7,6 +7,7 @@ wrapped by lm-eval's own `HFLM` around the in-memory module, so what is scored i
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -47,5 +48,6 @@ def evaluate(lm, task_configs: list[dict], limit: int | None = None, log_samples
 
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    return evaluator.simple_evaluate(model=lm, tasks=task_configs, task_manager=task_manager(), limit=limit,
+    # lm-eval consumes the dicts it is given (it pops their keys): hand it copies
+    return evaluator.simple_evaluate(model=lm, tasks=copy.deepcopy(task_configs), task_manager=task_manager(), limit=limit,
                                      log_samples=log_samples, bootstrap_iters=bootstrap_iters)
