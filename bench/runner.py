@@ -227,11 +227,6 @@ class Runner:
         return base, result
 
 
-def primary_metric(metrics: dict[str, float], task_prefix: str) -> str | None:
-    names = [k for k in metrics if k.startswith(task_prefix) and not k.endswith(".stderr")]
-    return sorted(names)[0] if names else None
-
-
 def fmt(v: float | None, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"

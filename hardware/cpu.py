@@ -98,10 +98,8 @@ class CpuBackend(Backend):
         m["throughput.prefill_tokens_per_s"] = n_prompt / pre_p50
         m["throughput.decode_tokens_per_s"] = 1.0 / max(m["latency.decode_per_token.p50_s"], 1e-12)
         params = {id(p): p for p in model.parameters()}.values()
-        buffers = [b for mod in model.modules() for b in ([getattr(mod, "_frozen_sign")]
-                   if getattr(mod, "_frozen_sign", None) is not None else [])]
-        m["memory.model_resident_bytes"] = float(sum(p.numel() * p.element_size() for p in params)
-                                                 + sum(b.numel() * b.element_size() for b in buffers))
+        tensors = list(params) + list(model.buffers())
+        m["memory.model_resident_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors))
         m["memory.peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         tags = {"execution": packed.execution, "threads": str(self.threads),
                 "low_bit_kernel": "none (fake-quant)" if packed.execution != "dense" else "none (dense fp32)"}

@@ -60,7 +60,7 @@ class BinaryMoSLinear(nn.Module):
         self.out_scale = nn.Parameter(torch.empty(n_experts, out_features))
         self.router = nn.Linear(in_features, n_experts, bias=False)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._frozen_sign: torch.Tensor | None = None
+        self.frozen = False  # after training the latent weight holds sign(W) itself
 
     @classmethod
     @torch.no_grad()
@@ -77,13 +77,14 @@ class BinaryMoSLinear(nn.Module):
         return m
 
     def sign_matrix(self) -> torch.Tensor:
-        if self._frozen_sign is not None:
-            return self._frozen_sign
-        return _SignSTE.apply(self.weight)
+        return self.weight if self.frozen else _SignSTE.apply(self.weight)
 
+    @torch.no_grad()
     def freeze(self) -> None:
-        """After training: keep the +/-1 matrix instead of recomputing sign per forward."""
-        self._frozen_sign = torch.where(self.weight.detach() >= 0, 1.0, -1.0)
+        """After training: replace the latent weight by its sign (all that is stored) and stop training."""
+        self.weight.copy_(torch.where(self.weight >= 0, 1.0, -1.0))
+        self.requires_grad_(False)
+        self.frozen = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.router(x), dim=-1, dtype=torch.float32).to(x.dtype)
@@ -138,14 +139,11 @@ class BinaryMoS(Method):
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
             for ref, m in zip(s_adapter.linears(), mos):
-                # Only sign(W) is stored: the latent weight becomes the +/-1 matrix itself, and the stored
-                # fp16 experts/router/bias replace their fp32 values, so the evaluated model is the artifact.
-                m.weight.copy_(torch.where(m.weight >= 0, 1.0, -1.0))
+                # Only sign(W) is stored and the experts/router/bias in fp16: the evaluated model is the artifact.
+                m.freeze()
                 for p in (m.in_scale, m.out_scale, m.router.weight, m.bias):
                     if p is not None:
                         p.copy_(p.to(torch.float16).float())
-                m.requires_grad_(False)
-                m.freeze()
                 stored = {"qweight": pack_bits((m.weight > 0).to(torch.uint8), 1),
                           "in_scale": m.in_scale.to(torch.float16), "out_scale": m.out_scale.to(torch.float16),
                           "router": m.router.weight.to(torch.float16)}
@@ -153,7 +151,7 @@ class BinaryMoS(Method):
                     stored["bias"] = m.bias.to(torch.float16)
                 w0 = originals[ref.name]
                 # per-layer error of the token-averaged effective weight (experts mixed uniformly)
-                eff = m._frozen_sign * torch.outer(m.out_scale.mean(0), m.in_scale.mean(0))
+                eff = m.weight * torch.outer(m.out_scale.mean(0), m.in_scale.mean(0))
                 packed.per_layer.append(layer_stats(ref, w0, eff))
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = f"binarymos-1bit-{self.n_experts}experts-fp16"
@@ -216,6 +214,5 @@ class BinaryMoS(Method):
         m.router.weight.copy_(stored["router"].float())
         if "bias" in stored:
             m.bias.copy_(stored["bias"].float())
-        m.requires_grad_(False)
         m.freeze()
         model.adapter.replace_linear(ref, m)

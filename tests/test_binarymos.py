@@ -31,9 +31,9 @@ def test_binarymos_replaces_every_block_linear_and_stores_signs(tiny_llama):
     assert len(mods) == 14 and all(isinstance(m, BinaryMoSLinear) for m in mods)
     for ref in adapter.linears():
         m, stored = ref.module, packed.layers[ref.name]
-        assert set(m._frozen_sign.unique().tolist()) <= {-1.0, 1.0}
+        assert m.frozen and set(m.weight.unique().tolist()) <= {-1.0, 1.0}
         bits = unpack_bits(stored["qweight"], 1, m.weight.numel(), m.weight.shape)
-        assert torch.equal(bits.float() * 2 - 1, m._frozen_sign)
+        assert torch.equal(bits.float() * 2 - 1, m.weight)
         assert stored["in_scale"].shape == (4, m.in_features)
         assert stored["out_scale"].shape == (4, m.out_features)
         assert stored["router"].shape == (4, m.in_features)

@@ -119,3 +119,19 @@ def test_second_task_reuses_the_compressed_model(results_dir, tiny_llama_dir):
     assert "time.compress_s" not in runs["wikitext_lmeval"].data.metrics
     m = runs["wikitext_lmeval"].data.metrics
     assert m["wikitext2.word_ppl.lmeval_ml64.first1"] > 1
+
+
+def test_default_command_end_to_end_on_the_default_model(results_dir):
+    """`python -m bench` as the README runs it (binarymos on WikiText-2), shortened: 1 window, tiny budget."""
+    r = run_cli("task.limit=1", "budget=tiny", "hardware.min_seconds=0", "hardware.min_reps=1",
+                "task.decode_tokens=2", results=results_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {x.data.tags["bench.method"]: x for x in mlflow_runs(results_dir)}
+    assert set(runs) == {"none", "binarymos"}
+    base = runs["none"].data.metrics["wikitext2.ppl_token.gptq_s2048.first1"]
+    mos = runs["binarymos"].data.metrics["wikitext2.ppl_token.gptq_s2048.first1"]
+    assert 10 < base < 30 and mos > base
+    tags = runs["binarymos"].data.tags
+    assert tags["bench.calib_set"] == "wikitext2_valid[validation] 4x64 seed=0"
+    assert tags["bench.model"] == "smollm2_135m_instruct_q4_1" and tags["bench.execution"] == "fake-quant"
+    assert abs(runs["binarymos"].data.metrics["storage.bits_per_weight.block_linears"] - 1.2743) < 1e-3
