@@ -38,19 +38,29 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)` fills a temporary file beside `path`, which is then renamed over `path`: readers
+    see the old file or the complete new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; the final file gets ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 class ArtifactStore:
@@ -67,17 +77,8 @@ class ArtifactStore:
     def save(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
         f, h = self.paths(key)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file(tensors, tmp, metadata=metadata)
-                os.chmod(tmp, _umask_mode())
-                os.replace(tmp, f)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            atomic_write_bytes(h, file_sha256(f).encode())
+            atomic_write(f, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+            atomic_write_bytes(h, file_sha256(f).encode())  # written last: its presence marks a complete entry
         except OSError as e:
             raise BenchError(f"cannot write artifact under {self.root}: {e.strerror or e}",
                              "free disk space or set paths.results to a writable directory") from e

@@ -49,5 +49,5 @@ def evaluate(lm, task_configs: list[dict], limit: int | None = None, log_samples
     logging.getLogger("lm-eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     # lm-eval consumes the dicts it is given (it pops their keys): hand it copies
-    return evaluator.simple_evaluate(model=lm, tasks=copy.deepcopy(task_configs), task_manager=task_manager(), limit=limit,
-                                     log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+    return evaluator.simple_evaluate(model=lm, tasks=copy.deepcopy(task_configs), task_manager=task_manager(),
+                                     limit=limit, log_samples=log_samples, bootstrap_iters=bootstrap_iters)

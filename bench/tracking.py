@@ -222,10 +222,6 @@ def fail_open_runs(config_hash: str, error: str) -> None:
         retry(client.set_terminated, r.info.run_id, "FAILED")
 
 
-def now() -> float:
-    return time.time()
-
-
 def record_failure(name: str, params: dict, tags: dict, error: str) -> str:
     """A FAILED run for a cell that failed before its own run could start (e.g. a bad config value)."""
     run = Run(name, params, tags).__enter__()
