@@ -111,6 +111,10 @@ def _hydra_main(cfg: DictConfig):
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv[:1] == ["leaderboard"]:  # `bench leaderboard [--out DIR]`: the site builder, not a run
+        from bench.leaderboard.__main__ import main as leaderboard
+
+        sys.exit(leaderboard(argv[1:]))
     try:
         check_choices(argv)
         check_overrides(argv)

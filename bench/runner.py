@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field, fields
 
@@ -71,6 +72,10 @@ def _import(target: str):
         return getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError):
         return None
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n\n")[0].replace("\n", " ")[:300]
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -149,7 +154,8 @@ class Runner:
 
     def run_cell(self, model: models.LoadedModel, method: Method, method_cfg: dict) -> CellResult:
         tags = self._tags(method_cfg, model)
-        tags["bench.method_family"] = type(method).family
+        tags.update({"bench.method_family": type(method).family, "bench.method_paper": type(method).paper,
+                     "bench.method_summary": _first_line(sys.modules[type(method).__module__].__doc__)})
         params = OmegaConf.to_container(self.cfg, resolve=True)
         params["method"] = method_cfg
         timings: dict[str, float] = {}
@@ -179,6 +185,8 @@ class Runner:
                 if m.stderr is not None:
                     metrics[f"{m.name}.stderr"] = m.stderr
                 late_tags[f"metric.{m.name}.direction"] = m.direction
+            if task_metrics:  # tasks list their headline metric first (ranking, plots)
+                late_tags["bench.primary_metric"] = task_metrics[0].name
             failures = getattr(self.task, "failures", None)
             if failures:  # part of a multi-task run could not run (e.g. missing data): said, not hidden
                 late_tags["bench.task_failures"] = json.dumps(failures)

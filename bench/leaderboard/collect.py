@@ -1,0 +1,306 @@
+"""Read the MLflow store into leaderboard pages. Reads only; never re-runs anything.
+
+A page is one (model, task, headline metric): the metric name carries the protocol and any `.firstN`
+limit, so a subset number never shares a table with a full one. A row is one method configuration
+(method params, plus calibration set and budget when the method used them); runs that differ only in
+seed are aggregated (mean +/- std), runs on several hardware backends fill that row's per-backend columns.
+Statistics (bootstrap CI, paired test against the best row) come from the per-sample values each run
+stored in its `task_metrics.json` artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from bench import stats, tracking
+
+ALPHA = 0.05
+BACKEND_ORDER = ("cpu",)  # the backend whose run supplies a row's accuracy; others follow alphabetically
+SKIP_METHOD_PARAMS = {"_target_", "name"}
+
+
+@dataclass
+class BackendCell:
+    backend: str
+    status: str  # measured | unsupported
+    reason: str = ""
+    prefill_ms: float | None = None
+    prefill_tokens: int | None = None
+    decode_tokens_per_s: float | None = None
+    energy_j_per_token: float | None = None
+    energy_source: str = ""
+    execution: str = ""
+    threads: str = ""
+    run_id: str = ""
+
+
+@dataclass
+class Row:
+    key: str
+    method: str
+    family: str
+    method_params: dict
+    calib: str
+    budget: str
+    paper: str = ""
+    summary: str = ""
+    label: str = ""
+    runs: list = field(default_factory=list)  # primary-backend runs, one per seed (newest wins)
+    metrics: dict[str, float] = field(default_factory=dict)  # seed means of every task metric
+    metric_std: dict[str, float] = field(default_factory=dict)
+    metric_stderr: dict[str, float] = field(default_factory=dict)
+    value: float = math.nan  # headline metric (seed mean)
+    std: float = 0.0
+    ci: tuple[float, float] | None = None
+    per_sample: np.ndarray | None = None
+    p_vs_best: float | None = None  # Holm-adjusted paired test against the best row
+    is_best: bool = False
+    rel_to_baseline: float | None = None
+    bits_per_weight: float | None = None
+    artifact_bytes: float | None = None
+    backends: dict[str, BackendCell] = field(default_factory=dict)
+    date: str = ""
+    git_commit: str = ""
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[str]:
+        return [r.data.tags.get("bench.seed", "?") for r in self.runs]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [r.info.run_id for r in self.runs]
+
+    @property
+    def indistinguishable(self) -> bool:
+        return self.p_vs_best is not None and self.p_vs_best >= ALPHA
+
+
+@dataclass
+class Page:
+    model: str
+    task: str
+    metric: str
+    direction: str
+    statistic: str  # what one per-sample value is, e.g. window_mean_nll
+    metrics: list[str]  # every task metric column on this page, headline first
+    rows: list[Row]
+    backends: list[str]
+    failed: list[dict]
+
+    @property
+    def slug(self) -> str:
+        raw = f"{self.model}__{self.task}__{self.metric}"
+        return "".join(c if c.isalnum() or c in "._-" else "_" for c in raw)
+
+
+def _direction(run, name: str) -> str | None:
+    return run.data.tags.get(f"metric.{name}.direction")
+
+
+def _task_metrics(run) -> list[str]:
+    return [k[len("metric."):-len(".direction")] for k in run.data.tags
+            if k.startswith("metric.") and k.endswith(".direction")]
+
+
+def _headline(run) -> str | None:
+    names = _task_metrics(run)
+    if not names:
+        return None
+    tagged = run.data.tags.get("bench.primary_metric")
+    if tagged in names:
+        return tagged
+    averaged = [n for n in names if "_mean_of_" in n]  # runs recorded before the primary-metric tag
+    return averaged[0] if averaged else sorted(names)[0]
+
+
+def _row_key(run) -> tuple[str, dict, str, str]:
+    params = run.data.params
+    method_params = {k[len("method."):]: v for k, v in params.items()
+                     if k.startswith("method.") and k[len("method."):] not in SKIP_METHOD_PARAMS}
+    used_calib = "bench.calib_sha256" in run.data.tags  # calibration and budget matter only if used
+    calib = run.data.tags.get("bench.calib", "-") if used_calib else "-"
+    budget = run.data.tags.get("bench.budget", "-") if used_calib else "-"
+    key = json.dumps([run.data.tags.get("bench.method"), method_params, calib, budget], sort_keys=True)
+    return key, method_params, calib, budget
+
+
+def load_runs(results_dir: str | Path):
+    tracking.setup(results_dir)
+    client = MlflowClient()
+    exp = tracking.retry(client.get_experiment_by_name, tracking.EXPERIMENT)
+    if exp is None:
+        return client, []
+    runs, token = [], None
+    while True:
+        page = tracking.retry(client.search_runs, [exp.experiment_id], max_results=5000, page_token=token,
+                              order_by=["attributes.start_time DESC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return client, runs
+
+
+def _artifact_json(client, run, name: str):
+    """A run's JSON artifact: read in place from a local store, downloaded from a remote one."""
+    uri = run.info.artifact_uri
+    with contextlib.suppress(OSError, ValueError):
+        if uri.startswith("file:"):
+            return json.loads((Path(unquote(urlparse(uri).path)) / name).read_text())
+        with tempfile.TemporaryDirectory() as d:
+            return json.loads(Path(client.download_artifacts(run.info.run_id, name, d)).read_text())
+    return None
+
+
+def _backend_cell(run) -> BackendCell:
+    t, m = run.data.tags, run.data.metrics
+    cell = BackendCell(t.get("bench.hardware", "?"), "measured", run_id=run.info.run_id,
+                       execution=t.get("bench.execution", ""), threads=t.get("hardware.threads", ""))
+    if t.get("bench.hardware_status") == "unsupported":
+        cell.status, cell.reason = "unsupported", t.get("bench.hardware_unsupported", "")
+        return cell
+    for k, v in m.items():
+        if k.startswith("latency.prefill_") and k.endswith(".p50_s"):
+            cell.prefill_ms, cell.prefill_tokens = v * 1e3, int(k.split(".")[1].split("_")[1])
+        elif k.startswith("energy.prefill_j_per_token."):
+            cell.energy_j_per_token = v
+            cell.energy_source = t.get("hardware.energy_source", k.rsplit(".", 1)[-1])
+    cell.decode_tokens_per_s = m.get("throughput.decode_tokens_per_s")
+    return cell
+
+
+def _label_rows(rows: list[Row]) -> None:
+    """A row's label is its method name plus the settings that tell it apart from same-method rows."""
+    by_method = defaultdict(list)
+    for r in rows:
+        by_method[r.method].append(r)
+    for same in by_method.values():
+        varying = sorted({k for r in same for k in r.method_params
+                          if len({x.method_params.get(k) for x in same}) > 1})
+        for r in same:
+            extra = [f"{k}={r.method_params.get(k)}" for k in varying]
+            if len({(x.calib, x.budget) for x in same}) > 1:
+                extra += [f"calib={r.calib}", f"budget={r.budget}"]
+            r.label = r.method + (f" ({', '.join(extra)})" if extra else "")
+
+
+def build_pages(results_dir: str | Path, with_samples: bool = True) -> list[Page]:
+    client, runs = load_runs(results_dir)
+    groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    failed: dict[tuple, list] = defaultdict(list)
+    for run in runs:  # newest first
+        t = run.data.tags
+        head = _headline(run)
+        if run.info.status != "FINISHED":
+            if run.info.status in ("FAILED", "KILLED"):
+                failed[(t.get("bench.model"), t.get("bench.task"))].append(
+                    {"method": t.get("bench.method", "?"), "status": run.info.status, "run_id": run.info.run_id,
+                     "error": t.get("error", ""), "hardware": t.get("bench.hardware", "?"),
+                     "date": _date(run)})
+            continue
+        if head is None:
+            continue
+        groups[(t.get("bench.model"), t.get("bench.task"), head)][_row_key(run)[0]].append(run)
+    pages = []
+    for (model, task, head), rows_runs in groups.items():
+        rows = [_make_row(client, key, rr, head, with_samples) for key, rr in rows_runs.items()]
+        first = next(iter(rows_runs.values()))[0]
+        names = [head] + sorted(set().union(*(_task_metrics(r) for rr in rows_runs.values() for r in rr)) - {head})
+        direction = _direction(first, head) or "lower"
+        statistic = next((r.notes.get("per_sample_name") for r in rows if r.notes.get("per_sample_name")), "")
+        backends = sorted({b for r in rows for b in r.backends}, key=_backend_rank)
+        page = Page(model, task, head, direction, statistic, names, rows, backends,
+                    [f for f in failed.get((model, task), [])])
+        _rank(page)
+        _label_rows(rows)
+        pages.append(page)
+    pages.sort(key=lambda p: (p.model, p.task, p.metric))
+    return pages
+
+
+def _backend_rank(name: str) -> tuple[int, str]:
+    return (BACKEND_ORDER.index(name) if name in BACKEND_ORDER else len(BACKEND_ORDER), name)
+
+
+def _date(run) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(run.info.start_time / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _make_row(client, key: str, runs: list, head: str, with_samples: bool) -> Row:
+    _, method_params, calib, budget = _row_key(runs[0])
+    t0 = runs[0].data.tags
+    row = Row(key, t0.get("bench.method", "?"), t0.get("bench.method_family", ""), method_params, calib, budget,
+              paper=t0.get("bench.method_paper", ""), summary=t0.get("bench.method_summary", ""))
+    by_backend = defaultdict(list)
+    for r in runs:
+        by_backend[r.data.tags.get("bench.hardware", "?")].append(r)
+    primary = sorted(by_backend, key=_backend_rank)[0]
+    per_seed = {}
+    for r in by_backend[primary]:  # newest first: the first run of each seed wins
+        per_seed.setdefault(r.data.tags.get("bench.seed", "?"), r)
+    row.runs = list(per_seed.values())
+    for b, rs in by_backend.items():
+        row.backends[b] = _backend_cell(rs[0])
+    metric_names = set().union(*(_task_metrics(r) for r in row.runs))
+    for name in metric_names:
+        vals = [r.data.metrics[name] for r in row.runs if name in r.data.metrics]
+        if vals:
+            row.metrics[name], row.metric_std[name] = stats.mean_std(vals)
+            se = [r.data.metrics.get(f"{name}.stderr") for r in row.runs]
+            if len(vals) == 1 and se[0] is not None:
+                row.metric_stderr[name] = se[0]
+    row.value, row.std = row.metrics.get(head, math.nan), row.metric_std.get(head, 0.0)
+    latest = row.runs[0]
+    row.bits_per_weight = latest.data.metrics.get("storage.bits_per_weight.block_linears")
+    row.artifact_bytes = latest.data.metrics.get("storage.artifact_bytes")
+    row.date, row.git_commit = _date(latest), latest.data.tags.get("bench.git_commit", "")
+    if with_samples:
+        samples = []
+        for r in row.runs:
+            stored = _artifact_json(client, r, "task_metrics.json") or []
+            for m in stored:
+                if m.get("notes", {}).get("data"):
+                    row.notes[m["name"]] = m["notes"]["data"]
+                if m["name"] == head and m.get("per_sample"):
+                    samples.append(m["per_sample"])
+                    row.notes["per_sample_name"] = m.get("per_sample_name", "")
+        if samples and len({len(s) for s in samples}) == 1:
+            row.per_sample = np.mean(np.asarray(samples, dtype=np.float64), axis=0)  # seed mean per sample
+    return row
+
+
+def _rank(page: Page) -> None:
+    """Best row, bootstrap CIs, paired tests of every row against the best (Holm-adjusted), baseline ratio."""
+    finite = [r for r in page.rows if math.isfinite(r.value)]
+    if not finite:
+        return
+    better = min if page.direction == "lower" else max
+    best = better(finite, key=lambda r: r.value)
+    best.is_best = True
+    statistic = stats.STATISTICS.get(page.statistic)
+    for r in page.rows:
+        if statistic is not None and r.per_sample is not None and r.per_sample.size >= 2:
+            r.ci = stats.bootstrap_ci(r.per_sample, statistic)
+    others = [r for r in finite if r is not best and r.per_sample is not None and best.per_sample is not None
+              and r.per_sample.shape == best.per_sample.shape and statistic is not None]
+    if others:
+        raw = [stats.paired_permutation_test(r.per_sample, best.per_sample) for r in others]
+        for r, p in zip(others, stats.holm(raw)):
+            r.p_vs_best = p
+    base = next((r for r in page.rows if r.method == "none"), None)
+    if base is not None and math.isfinite(base.value) and base.value != 0:
+        for r in page.rows:
+            r.rel_to_baseline = r.value / base.value
+    page.rows.sort(key=lambda r: (not math.isfinite(r.value), r.value if page.direction == "lower" else -r.value))

@@ -1,0 +1,163 @@
+"""The leaderboard site, built from a real sweep's MLflow store and opened in headless Chromium."""
+
+import csv
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import mlflow_runs, run_cli
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+XSS = "<script>alert(1)</script>"
+FAST = ["task.limit=6", "task.prompt_tokens=16", "task.decode_tokens=2", "hardware.min_seconds=0",
+        "hardware.min_reps=1", "hardware.warmup=0", "budget=tiny", "compare_baseline=false"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_llama_dir):
+    """3 methods x 2 tasks on the CPU backend (every backend available here), plus a run whose method
+    name is a script tag, then the site built from that store."""
+    results = tmp_path_factory.mktemp("board") / "results"
+    model = ["model=hf", f"model.name_or_path={tiny_llama_dir}"]
+    r = run_cli("-m", *model, "method=none,rtn,sign", "task=wikitext,piqa", *FAST, results=results)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_cli(*model, "method=sign", f"method.name='{XSS}'", "task=piqa", *FAST, results=results)
+    assert r.returncode == 0, r.stderr[-3000:]
+    t0 = time.perf_counter()
+    r = run_cli("leaderboard", "--results", str(results), results=results)
+    build_s = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    return results, results / "site", build_s
+
+
+def _pages(site: Path) -> dict[str, Path]:
+    return {p.name.split("__")[1]: p for p in site.glob("*__*.html")}
+
+
+def test_site_builds_in_seconds_with_one_page_per_task(swept):
+    results, site, build_s = swept
+    assert build_s < 60, build_s  # process start and imports included
+    assert set(_pages(site)) == {"wikitext", "piqa"}
+    assert (site / "index.html").exists() and (site / "static" / "site.js").exists()
+
+
+def test_exports_hold_the_stored_numbers(swept):
+    results, site, _ = swept
+    stored = {(r.data.tags["bench.method"], r.data.tags["bench.task"]): r for r in mlflow_runs(results)}
+    recs = json.loads((site / "data" / "leaderboard.json").read_text())
+    with open(site / "data" / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(recs) == len(rows) == 7
+    for rec in recs:
+        run = stored[(rec["method"], rec["task"])]
+        assert rec["value"] == run.data.metrics[rec["metric"]]
+        assert rec["bits_per_weight"] == run.data.metrics["storage.bits_per_weight.block_linears"]
+        assert rec["run_ids"] == run.info.run_id
+        assert rec["ci95_low"] <= rec["value"] <= rec["ci95_high"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    problems = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.goto(url)
+    page.wait_for_load_state("load")
+    return page, problems
+
+
+def _column(page, header: str) -> list[str]:
+    idx = page.eval_on_selector_all("#board thead th", "(ths, h) => ths.findIndex(t => t.textContent.trim() === h)",
+                                    header)
+    assert idx >= 0, header
+    return page.eval_on_selector_all(f"#board tbody tr td:nth-child({idx + 1})",
+                                     "tds => tds.map(td => td.dataset.sort ?? td.textContent.trim())")
+
+
+def test_pages_in_chromium_show_stored_numbers_sort_and_plot(swept, browser, tmp_path):
+    results, site, _ = swept
+    index, problems = _open(browser, (site / "index.html").as_uri())
+    assert index.locator("#pages tbody tr").count() == 2
+    index.click("text=wikitext2.ppl_token.gptq_s2048.first6")
+    page = index
+    page.wait_for_load_state("load")
+    stored = {r.data.tags["bench.method"]: r for r in mlflow_runs(results) if r.data.tags["bench.task"] == "wikitext"}
+    metric = "wikitext2.ppl_token.gptq_s2048.first6"
+    methods = [t.split(" ")[0] for t in page.eval_on_selector_all(
+        "#board tbody tr td:nth-child(2)", "tds => tds.map(td => td.textContent.trim())")]
+    shown = [float(v) for v in _column(page, metric)]
+    assert sorted(methods) == ["none", "rtn", "sign"]
+    for m, v in zip(methods, shown):
+        assert v == stored[m].data.metrics[metric]  # the exact stored float, not a rounded copy
+    assert shown == sorted(shown)  # ranked best (lowest perplexity) first
+    # sorting by a column: click once ascending, again descending
+    page.click("#board thead th:text-is('bits/weight')")
+    bits = [float(v) for v in _column(page, "bits/weight")]
+    assert bits == sorted(bits) and len(set(bits)) == 3
+    page.click("#board thead th:text-is('bits/weight')")
+    assert [float(v) for v in _column(page, "bits/weight")] == sorted(bits, reverse=True)
+    # filtering hides rows, clearing shows them again
+    page.fill("input.filter", "quantization")
+    assert page.locator("#board tbody tr:visible").count() == 1
+    page.fill("input.filter", "")
+    # the plots load (decoded images with a size)
+    sizes = page.eval_on_selector_all(".plots img", "imgs => imgs.map(i => i.complete && i.naturalWidth)")
+    assert len(sizes) >= 3 and all(s and s > 100 for s in sizes), sizes
+    page.screenshot(path=str(tmp_path / "wikitext.png"), full_page=True)
+    assert (tmp_path / "wikitext.png").stat().st_size > 20_000
+    assert problems == []
+
+
+def test_confidence_intervals_and_paired_marks_on_the_page(swept, browser):
+    _, site, _ = swept
+    page, problems = _open(browser, _pages(site)["piqa"].as_uri())
+    cells = page.eval_on_selector_all("#board tbody td.headline", "tds => tds.map(td => td.textContent)")
+    assert len(cells) == 4 and all("[" in c and "]" in c for c in cells)  # a 95% bootstrap interval per row
+    assert sum("best" in c for c in cells) >= 1
+    assert all("best" in c or "p=" in c for c in cells)  # every other row carries its paired test
+    assert problems == []
+
+
+def test_a_script_in_a_method_name_renders_as_text(swept, browser):
+    _, site, _ = swept
+    html = _pages(site)["piqa"].read_text()
+    assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    page, problems = _open(browser, _pages(site)["piqa"].as_uri())
+    assert page.locator(f"#board td:has-text('{XSS}')").count() == 1  # shown literally, as text
+    assert problems == []  # no alert dialog, no console error
+
+
+def test_seed_repeats_are_aggregated_as_mean_and_std(results_dir):
+    from bench import tracking
+    from bench.leaderboard.collect import build_pages
+
+    tracking.setup(results_dir)
+    for seed, value in [(0, 10.0), (1, 12.0), (2, 14.0)]:
+        with tracking.Run("r", {"method": {"name": "m", "bits": 2}, "seed": seed},
+                          {"bench.method": "m", "bench.task": "t", "bench.model": "x", "bench.seed": str(seed),
+                           "bench.hardware": "cpu", "metric.t.ppl.direction": "lower",
+                           "bench.primary_metric": "t.ppl"}) as run:
+            run.metrics({"t.ppl": value})
+    [page] = build_pages(results_dir)
+    [row] = page.rows
+    assert sorted(row.seeds) == ["0", "1", "2"]
+    assert row.value == 12.0 and math.isclose(row.std, 2.0)
