@@ -15,7 +15,8 @@ import torch
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
-from bench.quant import IntQuantized, pack_bits, quantize_rtn, resolve_group_size, unpack_bits
+from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
+from bench.quant.integer import load_int_layer, stored_int_layer
 
 
 @dataclass
@@ -40,11 +41,7 @@ class RTN(Method):
         for ref in model.adapter.linears():
             w = ref.module.weight.data
             q = quantize_rtn(w, self.bits, self.group_size, self.symmetric, layer=ref.name)
-            stored = {"qweight": pack_bits(q.codes, self.bits), "scale": q.scale}
-            if q.zero is not None:
-                stored["qzero"] = pack_bits(q.zero, self.bits)
-            if ref.module.bias is not None:
-                stored["bias"] = ref.module.bias.data.to(torch.float16)
+            stored = stored_int_layer(q.codes, q.scale, q.zero, self.bits, ref.module.bias)
             wq = q.dequantize()
             packed.per_layer.append(layer_stats(ref, w, wq))
             w.copy_(wq)
@@ -56,10 +53,7 @@ class RTN(Method):
     def restore_layer(self, model, ref, stored) -> None:
         out_f, in_f = ref.module.weight.shape
         g = resolve_group_size(self.group_size, in_f, ref.name)
-        codes = unpack_bits(stored["qweight"], self.bits, out_f * in_f, (out_f, in_f))
-        zero = None
-        if "qzero" in stored:
-            zero = unpack_bits(stored["qzero"], self.bits, stored["scale"].numel(), stored["scale"].shape)
+        codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
         q = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
         ref.module.weight.data.copy_(q.dequantize())
         if "bias" in stored:

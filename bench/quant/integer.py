@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import ConfigError, check_range
+from bench.quant.packing import pack_bits, unpack_bits
 
 
 @dataclass
@@ -59,27 +60,61 @@ def group_minmax(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.amin(dim=-1), x.amax(dim=-1)
 
 
+def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (rounded to its fp16 storage) and zero-point code of a min/max range, GPTQ's grid: the range
+    always contains 0; symmetric grids centre on code 2^(bits-1) and have no stored zero point."""
+    maxq = 2**bits - 1
+    if symmetric:
+        amax = torch.maximum(xmax.abs(), xmin.abs())
+        return (2 * amax / maxq).clamp(min=1e-8).to(torch.float16), None
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    scale = ((xmax - xmin) / maxq).clamp(min=1e-8).to(torch.float16)
+    zero = torch.clamp(torch.round(-xmin / scale.to(torch.float32)), 0, maxq)
+    return scale, zero
+
+
+def to_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Round-to-nearest codes of `x` on the grid (scale/zero broadcast against x), as float."""
+    z = float(2 ** (bits - 1)) if zero is None else zero
+    return torch.clamp(torch.round(x / scale.to(torch.float32)) + z, 0, 2**bits - 1)
+
+
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    z = float(2 ** (bits - 1)) if zero is None else zero
+    return (codes - z) * scale.to(torch.float32)
+
+
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
                  layer: str = "") -> IntQuantized:
     check_range("bits", bits, 2, 8)
     out, inp = w.shape
     g = resolve_group_size(group_size, inp, layer)
     x = w.detach().to(torch.float32)
-    maxq = 2**bits - 1
-    xmin, xmax = group_minmax(x, g)
-    if symmetric:
-        amax = torch.maximum(xmax.abs(), xmin.abs())
-        scale = (2 * amax / maxq).clamp(min=1e-8).to(torch.float16)  # GPTQ's symmetric grid
-        s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :inp]
-        codes = torch.clamp(torch.round(x / s) + 2 ** (bits - 1), 0, maxq)
-        zero = None
-    else:
-        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-        scale = ((xmax - xmin) / maxq).clamp(min=1e-8).to(torch.float16)
-        sg = scale.to(torch.float32)
-        zero = torch.clamp(torch.round(-xmin / sg), 0, maxq)
-        s = sg.repeat_interleave(g, dim=1)[:, :inp]
-        z = zero.repeat_interleave(g, dim=1)[:, :inp]
-        codes = torch.clamp(torch.round(x / s) + z, 0, maxq)
-        zero = zero.to(torch.uint8)
-    return IntQuantized(codes.to(torch.uint8), scale, zero, bits, g, symmetric)
+    scale, zero = grid_params(*group_minmax(x, g), bits, symmetric)
+    s = scale.repeat_interleave(g, dim=1)[:, :inp]
+    z = None if zero is None else zero.repeat_interleave(g, dim=1)[:, :inp]
+    codes = to_codes(x, s, z, bits)
+    return IntQuantized(codes.to(torch.uint8), scale, None if zero is None else zero.to(torch.uint8), bits, g,
+                        symmetric)
+
+
+def stored_int_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                     bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors an integer-quantized linear stores: packed codes, fp16 scales, packed zero points, bias."""
+    out = {"qweight": pack_bits(codes, bits), "scale": scale}
+    if zero is not None:
+        out["qzero"] = pack_bits(zero, bits)
+    if bias is not None:
+        out["bias"] = bias.detach().to(torch.float16)
+    return out
+
+
+def load_int_layer(stored: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (uint8, `shape`) and zero points (or None) back from `stored_int_layer`'s tensors."""
+    codes = unpack_bits(stored["qweight"], bits, shape[0] * shape[1], shape)
+    zero = None
+    if "qzero" in stored:
+        zero = unpack_bits(stored["qzero"], bits, stored["scale"].numel(), stored["scale"].shape)
+    return codes, zero

@@ -1,0 +1,196 @@
+"""`gptq`: GPTQ, "Accurate Post-Training Quantization for Generative Pre-trained Transformers"
+(Frantar, Ashkboos, Hoefler, Alistarh; ICLR 2023). Hessian-based column-by-column weight quantization.
+
+Per decoder block, on the calibration windows (through the adapter's block-by-block runner, so only one
+block's activations are held): accumulate H = 2/n * sum X X^T for every linear of the block from the same
+block input, quantize each weight column in turn and spread its rounding error over the not-yet-quantized
+columns with the inverse Hessian (Cholesky form), in lazy batches of `block_size` columns; then run the
+quantized block to produce the next block's input. Options as in the reference (IST-DASLab/gptq):
+dampening `damp` x mean(diag H), `act_order` (columns by decreasing diag H; groups then follow that order
+and the permutation is stored), asymmetric min/max grid per group (group parameters taken from the
+weights as updated so far, at the first column of each group, like the reference).
+
+Stored: packed `bits`-bit codes, fp16 scale and packed zero point per (row, group), the column order if
+`act_order`. Execution: fake-quant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.errors import NumericalFailure, check_range
+from bench.packed import Packed, layer_stats
+from bench.plugins import Method
+from bench.quant import n_groups, resolve_group_size
+from bench.quant.integer import from_codes, grid_params, load_int_layer, stored_int_layer, to_codes
+
+
+class HessianAccumulator:
+    """Running H = 2/n * sum_i x_i x_i^T over calibration sequences (the reference's add_batch)."""
+
+    def __init__(self, columns: int):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).to(torch.float32)
+        batch = inp.shape[0] if inp.dim() == 3 else 1
+        self.H *= self.n / (self.n + batch)
+        self.n += batch
+        x = math.sqrt(2 / self.n) * x
+        self.H += x.T @ x
+
+
+@dataclass
+class GPTQResult:
+    codes: torch.Tensor  # uint8 (out, in) in original column order
+    scale: torch.Tensor  # fp16 (out, n_groups); groups in quantization order
+    zero: torch.Tensor | None  # uint8 (out, n_groups)
+    perm: torch.Tensor | None  # int64 (in,): quantization order of the columns (act_order)
+    dequantized: torch.Tensor  # fp32 (out, in)
+    loss: float  # GPTQ's proxy loss sum (w - q)^2 / d^2 / 2
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128, layer: str = "") -> GPTQResult:
+    W = weight.detach().to(torch.float32).clone()
+    rows, cols = W.shape
+    g = resolve_group_size(group_size, cols, layer)
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError as e:  # not positive definite even after dampening
+        raise NumericalFailure(f"GPTQ Hessian of {layer} is not positive definite ({e})",
+                               "raise method.damp or use more calibration samples") from None
+    codes = torch.zeros_like(W)
+    ng = n_groups(cols, g)
+    scales = torch.zeros(rows, ng, dtype=torch.float16)
+    zeros = None if symmetric else torch.zeros(rows, ng)
+    losses = torch.zeros(rows)
+    scale = zero = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if c % g == 0:
+                # like the reference: the group's range is read from W, which holds all updates of earlier
+                # lazy batches but not those of earlier columns of this batch
+                gw = W[:, c:c + g]
+                scale, zero = grid_params(gw.amin(dim=1), gw.amax(dim=1), bits, symmetric)
+                scales[:, c // g] = scale
+                if zeros is not None:
+                    zeros[:, c // g] = zero
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q_codes = to_codes(w, scale, zero, bits)
+            q = from_codes(q_codes, scale, zero, bits)
+            codes[:, c] = q_codes
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    deq = from_codes(codes, scales.repeat_interleave(g, dim=1)[:, :cols],
+                     None if zeros is None else zeros.repeat_interleave(g, dim=1)[:, :cols], bits)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, deq = codes[:, inv], deq[:, inv]
+    return GPTQResult(codes.to(torch.uint8), scales, None if zeros is None else zeros.to(torch.uint8), perm, deq,
+                      float(losses.sum()))
+
+
+def dequantize_stored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, perm: torch.Tensor | None,
+                      bits: int, g: int) -> torch.Tensor:
+    """Rebuild the weight from stored codes: groups run along the quantization order (perm if stored)."""
+    cols = codes.shape[1]
+    order = perm if perm is not None else torch.arange(cols)
+    group_of = torch.empty(cols, dtype=torch.long)
+    group_of[order] = torch.arange(cols) // g  # column order[k] belongs to group k // g
+    s = scale.to(torch.float32)[:, group_of]
+    z = None if zero is None else zero.to(torch.float32)[:, group_of]
+    return from_codes(codes.to(torch.float32), s, z, bits)
+
+
+@dataclass
+class GPTQ(Method):
+    name: str = "gptq"
+    bits: int = 4
+    group_size: int = 128  # -1 = per output channel
+    symmetric: bool = False
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    family: ClassVar[str] = "quantization"
+    paper: ClassVar[str] = "Frantar et al., GPTQ: Accurate Post-Training Quantization for GPTs (ICLR 2023)"
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_range("method.bits", self.bits, 2, 8)
+        check_range("method.damp", self.damp, 1e-6, 1.0)
+        check_range("method.block_size", self.block_size, 1, 1 << 16)
+
+    def fmt(self) -> str:
+        g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
+        return f"gptq-int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-actorder' if self.act_order else ''}"
+
+    @torch.no_grad()
+    def compress(self, model, calib, budget) -> Packed:
+        adapter = model.adapter
+        packed = Packed(model.module, self.name, self.execution)
+        inputs = adapter.capture_block_inputs(list(calib.windows))
+        refs = list(adapter.linears())
+        for b in range(len(adapter.blocks())):
+            block_refs = [r for r in refs if r.block == b]
+            acc = {r.name: HessianAccumulator(r.module.weight.shape[1]) for r in block_refs}
+            hooks = [r.module.register_forward_hook(lambda m, a, o, name=r.name: acc[name].add(a[0]))
+                     for r in block_refs]
+            try:
+                for h, kw in zip(inputs.hidden, inputs.kwargs):
+                    adapter.run_block(b, h, kw)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            for r in block_refs:
+                w = r.module.weight.data
+                res = gptq_quantize(w, acc[r.name].H, self.bits, self.group_size, self.symmetric, self.act_order,
+                                    self.damp, self.block_size, r.name)
+                del acc[r.name]
+                stats = layer_stats(r, w, res.dequantized)
+                stats["gptq_loss"] = res.loss
+                packed.per_layer.append(stats)
+                w.copy_(res.dequantized)
+                stored = stored_int_layer(res.codes, res.scale, res.zero, self.bits, r.module.bias)
+                if res.perm is not None:
+                    stored["perm"] = res.perm.to(torch.int16 if res.perm.numel() < 2**15 else torch.int32)
+                packed.layers[r.name] = stored
+                packed.layer_format[r.name] = self.fmt()
+            # the next block sees the outputs of this block with its weights quantized (as the reference)
+            inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+        packed.info["calib_tokens"] = int(calib.windows.numel())
+        return packed
+
+    @torch.no_grad()
+    def restore_layer(self, model, ref, stored) -> None:
+        out_f, in_f = ref.module.weight.shape
+        g = resolve_group_size(self.group_size, in_f, ref.name)
+        codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
+        perm = stored["perm"].to(torch.long) if "perm" in stored else None
+        ref.module.weight.data.copy_(dequantize_stored(codes, stored["scale"], zero, perm, self.bits, g))
+        if "bias" in stored:
+            ref.module.bias.data.copy_(stored["bias"].float())
