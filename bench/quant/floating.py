@@ -1,0 +1,117 @@
+"""Low-bit floating-point formats (FP8 E4M3/E5M2, FP6 E2M3/E3M2, FP4 E2M1/E3M0, any ExMy) and
+round-to-nearest quantization onto them.
+
+A format is sign + `exp_bits` exponent + `man_bits` mantissa with an exponent `bias` (default the IEEE-style
+2^(E-1) - 1; LLM-FP4 searches it). Exponent field 0 encodes subnormals (0.m x 2^(1-bias)). Special values
+follow the OCP Microscaling spec: E5M2 keeps IEEE inf/NaN (top exponent reserved), E4M3 ("fn") reserves
+only the all-ones code for NaN (max 448), FP6 and FP4 have no specials (every code is a number).
+Quantization saturates at the largest finite value and rounds to the nearest representable value, ties
+to the even code (as hardware casts do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from bench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    exp_bits: int
+    man_bits: int
+    bias: int | None = None
+    specials: str = "none"  # "none" | "ieee" (top exponent = inf/NaN) | "fn" (only all-ones code = NaN)
+
+    def __post_init__(self):
+        if self.exp_bits < 1 or self.man_bits < 0 or self.exp_bits + self.man_bits > 7:
+            raise ConfigError(f"float format E{self.exp_bits}M{self.man_bits} is not a 2..8-bit format",
+                              "use exp_bits>=1, man_bits>=0 and exp_bits+man_bits<=7")
+        if self.specials not in ("none", "ieee", "fn"):
+            raise ConfigError(f"float format specials='{self.specials}' is unknown", "use none, ieee or fn")
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def exponent_bias(self) -> int:
+        return 2 ** (self.exp_bits - 1) - 1 if self.bias is None else self.bias
+
+    @property
+    def name(self) -> str:
+        b = "" if self.bias is None else f"b{self.bias}"
+        return f"e{self.exp_bits}m{self.man_bits}{b}"
+
+    @cached_property
+    def magnitudes(self) -> torch.Tensor:
+        """Every non-negative representable value, ascending (float64), in code order."""
+        vals = []
+        top = 2**self.exp_bits - 1
+        for e in range(2**self.exp_bits):
+            if self.specials == "ieee" and e == top:
+                continue
+            for m in range(2**self.man_bits):
+                if self.specials == "fn" and e == top and m == 2**self.man_bits - 1:
+                    continue
+                if e == 0:
+                    v = (m / 2**self.man_bits) * 2.0 ** (1 - self.exponent_bias)
+                else:
+                    v = (1 + m / 2**self.man_bits) * 2.0 ** (e - self.exponent_bias)
+                vals.append(v)
+        return torch.tensor(vals, dtype=torch.float64)
+
+    @property
+    def max_value(self) -> float:
+        return float(self.magnitudes[-1])
+
+
+FORMATS = {
+    "fp8_e4m3": FloatFormat(4, 3, specials="fn"),
+    "fp8_e5m2": FloatFormat(5, 2, specials="ieee"),
+    "fp6_e2m3": FloatFormat(2, 3),
+    "fp6_e3m2": FloatFormat(3, 2),
+    "fp4_e2m1": FloatFormat(2, 1),
+    "fp4_e3m0": FloatFormat(3, 0),
+}
+
+
+def float_format(name: str) -> FloatFormat:
+    if name not in FORMATS:
+        from bench.errors import unknown_choice
+
+        raise unknown_choice("float format", name, list(FORMATS))
+    return FORMATS[name]
+
+
+def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, codes): x rounded to the nearest value of `fmt` (saturating), and the magnitude index of
+    each element (0 .. len(magnitudes)-1; the sign is kept separately by the caller via torch.sign)."""
+    mags = fmt.magnitudes.to(torch.float64)
+    a = x.detach().abs().to(torch.float64).clamp(max=fmt.max_value)
+    hi = torch.searchsorted(mags, a).clamp(max=mags.numel() - 1)  # first grid value >= a
+    lo = (hi - 1).clamp(min=0)
+    d_lo, d_hi = a - mags[lo], mags[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))  # ties to the even code
+    idx = torch.where(pick_hi, hi, lo)
+    vals = mags[idx] * torch.where(x < 0, -1.0, 1.0).to(torch.float64)
+    return vals.to(x.dtype if x.is_floating_point() else torch.float32), idx
+
+
+def quantize_float(w: torch.Tensor, fmt: FloatFormat, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize `w` (out, in) to `fmt` with an fp16 absmax scale per (row, group of columns):
+    returns (dequantized fp32 weights, fp16 scales (out, n_groups)). Group layout as in integer.py."""
+    from bench.quant.integer import group_minmax, resolve_group_size
+
+    out, inp = w.shape
+    g = resolve_group_size(group_size, inp)
+    x = w.detach().to(torch.float32)
+    lo, hi = group_minmax(x, g)
+    amax = torch.maximum(lo.abs(), hi.abs())
+    scale = (amax / fmt.max_value).clamp(min=1e-8).to(torch.float16)
+    s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :inp]
+    q, _ = round_to_format(x / s, fmt)
+    return q.to(torch.float32) * s, scale
