@@ -63,6 +63,11 @@ class Method:
                 self.restore_layer(model, ref, stored[ref.name])
         packed = Packed(model.module, self.name, self.execution, stored, layer_format)
         packed.info["restored_from_artifact"] = True
+        return self.runtime_hooks(model, packed)
+
+    def runtime_hooks(self, model: LoadedModel, packed: Packed) -> Packed:
+        """Run-time behaviour that is not stored weights (e.g. activation quantization), re-attached after
+        compress and after restore alike."""
         return packed
 
 

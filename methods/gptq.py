@@ -25,6 +25,7 @@ import torch
 from bench.errors import NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.quant.activation import ActivationQuantized
 from bench.quant import n_groups, resolve_group_size
 from bench.quant.integer import from_codes, grid_params, load_int_layer, stored_int_layer, to_codes
 
@@ -128,7 +129,7 @@ def dequantize_stored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 @dataclass
-class GPTQ(Method):
+class GPTQ(ActivationQuantized, Method):
     name: str = "gptq"
     bits: int = 4
     group_size: int = 128  # -1 = per output channel
@@ -144,6 +145,7 @@ class GPTQ(Method):
         check_range("method.bits", self.bits, 2, 8)
         check_range("method.damp", self.damp, 1e-6, 1.0)
         check_range("method.block_size", self.block_size, 1, 1 << 16)
+        self.check_activation_settings()
 
     def fmt(self) -> str:
         g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
@@ -183,7 +185,7 @@ class GPTQ(Method):
             # the next block sees the outputs of this block with its weights quantized (as the reference)
             inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         packed.info["calib_tokens"] = int(calib.windows.numel())
-        return packed
+        return self.runtime_hooks(model, packed)
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -15,12 +15,13 @@ import torch
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.quant.activation import ActivationQuantized
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
 from bench.quant.integer import load_int_layer, stored_int_layer
 
 
 @dataclass
-class RTN(Method):
+class RTN(ActivationQuantized, Method):
     name: str = "rtn"
     bits: int = 4
     group_size: int = 128  # -1 = per output channel
@@ -30,6 +31,7 @@ class RTN(Method):
 
     def __post_init__(self):
         check_range("method.bits", self.bits, 2, 8)
+        self.check_activation_settings()
 
     def fmt(self) -> str:
         g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
@@ -47,7 +49,7 @@ class RTN(Method):
             w.copy_(wq)
             packed.layers[ref.name] = stored
             packed.layer_format[ref.name] = self.fmt()
-        return packed
+        return self.runtime_hooks(model, packed)
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -43,6 +43,7 @@ class DecoderAdapter:
     kind = "causal_lm"
     architectures: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
+    norm_feeds: dict[str, tuple[str, ...]] = {}  # norm name -> roles of the linears reading its output
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -105,6 +106,13 @@ class DecoderAdapter:
     def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         out = self.blocks()[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def norm_linear_groups(self, index: int) -> list[tuple[nn.Module, list[LinearRef]]]:
+        """(norm, the linears that read its output) for block `index`: where a per-channel scale can move
+        between a norm's weight and the next linears' input columns without changing the function."""
+        refs = {r.role: r for r in self.linears() if r.block == index}
+        norms = self.block_norms(self.blocks()[index])
+        return [(norms[n], [refs[role] for role in roles]) for n, roles in self.norm_feeds.items()]
 
     def n_block_linear_weights(self) -> int:
         return sum(r.module.weight.numel() for r in self.linears())

@@ -10,6 +10,7 @@ from bench.models.adapter import DecoderAdapter
 class LlamaAdapter(DecoderAdapter):
     architectures = ("llama", "mistral", "qwen2", "qwen3")
     roles = ("q", "k", "v", "o", "gate", "up", "down")
+    norm_feeds = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers

@@ -10,6 +10,7 @@ from bench.models.adapter import DecoderAdapter
 class OptAdapter(DecoderAdapter):
     architectures = ("opt",)
     roles = ("q", "k", "v", "o", "fc1", "fc2")
+    norm_feeds = {"attn": ("q", "k", "v"), "mlp": ("fc1",)}
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.decoder.layers

@@ -1,0 +1,95 @@
+"""Activation quantization on the inputs of the adapter's linear layers, so W8A8, W4A8, W4A4, W4-FP4A4 ...
+are configs, not code.
+
+Dynamic and symmetric, as SmoothQuant's fake-quant reference does it: the scale is the absmax of each
+token's input vector (`per_token`) or of the whole input tensor (`per_tensor`), computed on the fly. Values
+go to signed integers (`bits`) or to a low-bit float format (`fmt`, e.g. fp4_e2m1, fp8_e4m3). Applied as a
+forward pre-hook on each block linear: the stored weights are untouched, execution is fake-quant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench.errors import ConfigError, check_range
+from bench.quant.floating import float_format, round_to_format
+
+GRANULARITIES = ("per_token", "per_tensor")
+
+
+@dataclass(frozen=True)
+class ActQuantSpec:
+    bits: int | None = None  # None: activations stay in fp32
+    granularity: str = "per_token"
+    fmt: str | None = None  # a float format name instead of integers (bits then follow the format)
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"activation granularity '{self.granularity}' is unknown",
+                              f"use one of: {', '.join(GRANULARITIES)}")
+        if self.fmt is not None:
+            float_format(self.fmt)
+        elif self.bits is not None:
+            check_range("method.act_bits", self.bits, 2, 16)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None or self.fmt is not None
+
+    @property
+    def tag(self) -> str:
+        if not self.enabled:
+            return "a16"
+        kind = self.fmt if self.fmt else f"a{self.bits}"
+        return f"{kind}-{self.granularity}-dynamic"
+
+
+def fake_quant_activations(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if spec.granularity == "per_token" else xf.abs().amax()
+    if spec.fmt is not None:
+        fmt = float_format(spec.fmt)
+        scale = (amax / fmt.max_value).clamp(min=1e-8)
+        q, _ = round_to_format(xf / scale, fmt)
+        return (q.to(torch.float32) * scale).to(x.dtype)
+    qmax = 2 ** (spec.bits - 1) - 1
+    scale = (amax / qmax).clamp(min=1e-8)
+    return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)
+
+
+def attach(adapter, spec: ActQuantSpec) -> int:
+    """Quantize the input of every block linear from now on; returns how many linears were hooked."""
+    if not spec.enabled:
+        return 0
+    n = 0
+    for ref in adapter.linears():
+        ref.module.register_forward_pre_hook(lambda _m, args: (fake_quant_activations(args[0], spec), *args[1:]))
+        n += 1
+    return n
+
+
+@dataclass
+class ActivationQuantized:
+    """Mixin for weight-quantization methods: `method.act_bits=8` (or `method.act_format=fp4_e2m1`) adds
+    dynamic activation quantization to the linears the method compressed."""
+
+    act_bits: int | None = None
+    act_format: str | None = None
+    act_granularity: str = "per_token"
+
+    @property
+    def act_spec(self) -> ActQuantSpec:
+        return ActQuantSpec(self.act_bits, self.act_granularity, self.act_format)
+
+    def check_activation_settings(self) -> None:
+        ActQuantSpec(self.act_bits, self.act_granularity, self.act_format)  # raises a ConfigError if bad
+
+    def runtime_hooks(self, model, packed):
+        spec = self.act_spec
+        if attach(model.adapter, spec):
+            suffix = f"+{spec.tag}"  # a restored artifact's layer formats already carry it
+            packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}
+            packed.info["activations"] = spec.tag
+        return packed
