@@ -132,8 +132,9 @@ def test_confidence_intervals_and_paired_marks_on_the_page(swept, browser):
     page, problems = _open(browser, _pages(site)["piqa"].as_uri())
     cells = page.eval_on_selector_all("#board tbody td.headline", "tds => tds.map(td => td.textContent)")
     assert len(cells) == 4 and all("[" in c and "]" in c for c in cells)  # a 95% bootstrap interval per row
-    assert sum("best" in c for c in cells) >= 1
-    assert all("best" in c or "p=" in c for c in cells)  # every other row carries its paired test
+    assert sum("\u2605 best" in c for c in cells) == 1
+    others = [c for c in cells if "\u2605 best" not in c]
+    assert all("\u2248 best" in c or " vs best" in c for c in others)  # each carries its paired test
     assert problems == []
 
 
@@ -157,7 +158,23 @@ def test_seed_repeats_are_aggregated_as_mean_and_std(results_dir):
                            "bench.hardware": "cpu", "metric.t.ppl.direction": "lower",
                            "bench.primary_metric": "t.ppl"}) as run:
             run.metrics({"t.ppl": value})
-    [page] = build_pages(results_dir)
+    [page], orphans = build_pages(results_dir)
+    assert orphans == []
     [row] = page.rows
     assert sorted(row.seeds) == ["0", "1", "2"]
     assert row.value == 12.0 and math.isclose(row.std, 2.0)
+
+
+def test_a_failed_run_without_any_finished_result_is_listed(results_dir):
+    from bench import tracking
+    from bench.leaderboard.collect import build_pages
+    from bench.leaderboard.site import build_site
+
+    tracking.setup(results_dir)
+    with pytest.raises(RuntimeError):
+        with tracking.Run("r", {"seed": 0}, {"bench.method": "m", "bench.task": "qa", "bench.model": "x",
+                                              "bench.hardware": "cpu"}):
+            raise RuntimeError("out of memory in block 3")
+    pages, orphans = build_pages(results_dir)
+    assert pages == [] and [(o["task"], o["status"]) for o in orphans] == [("qa", "FAILED")]
+    assert "out of memory in block 3" in build_site(results_dir).read_text()

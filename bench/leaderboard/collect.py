@@ -194,7 +194,8 @@ def _label_rows(rows: list[Row]) -> None:
             r.label = r.method + (f" ({', '.join(extra)})" if extra else "")
 
 
-def build_pages(results_dir: str | Path, with_samples: bool = True) -> list[Page]:
+def build_pages(results_dir: str | Path, with_samples: bool = True) -> tuple[list[Page], list[dict]]:
+    """The pages, and the failed/killed runs of (model, task) pairs that have no finished run at all."""
     client, runs = load_runs(results_dir)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     failed: dict[tuple, list] = defaultdict(list)
@@ -225,7 +226,9 @@ def build_pages(results_dir: str | Path, with_samples: bool = True) -> list[Page
         _label_rows(rows)
         pages.append(page)
     pages.sort(key=lambda p: (p.model, p.task, p.metric))
-    return pages
+    shown = {(p.model, p.task) for p in pages}
+    orphans = [dict(f, model=m, task=t) for (m, t), fs in failed.items() if (m, t) not in shown for f in fs]
+    return pages, orphans
 
 
 def _backend_rank(name: str) -> tuple[int, str]:

@@ -67,6 +67,7 @@ def draw(page: Page, out_dir: Path) -> list[dict]:
             ax.annotate(p.label, (p.x, p.y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if df.y.min() > 0 and df.y.max() / df.y.min() > 100:
             ax.set_yscale("log")
+        ax.tick_params(axis="x", labelrotation=25, labelsize=7)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(f"{page.metric} ({page.direction} is better)", fontsize=8)
         ax.legend(fontsize=7)

@@ -89,7 +89,7 @@ def build_site(results_dir: str | Path, out_dir: str | Path | None = None,
                mlflow_url: str = "http://127.0.0.1:5000") -> Path:
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir else results_dir / "site"
-    pages = build_pages(results_dir)
+    pages, orphans = build_pages(results_dir)
     if out.exists():
         shutil.rmtree(out)  # the site is derived data: rebuilt whole, never patched
     (out / "static").mkdir(parents=True)
@@ -102,7 +102,7 @@ def build_site(results_dir: str | Path, out_dir: str | Path | None = None,
     common = {"fmt": fmt, "num": num, "mb": mb, "root": "", "store": store, "mlflow_url": mlflow_url,
               "built": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "run_url": lambda rid: f"{mlflow_url}/#/experiments/{quote(exp_id)}/runs/{quote(rid)}"}
-    (out / "index.html").write_text(env.get_template("index.html.j2").render(pages=pages, **common))
+    (out / "index.html").write_text(env.get_template("index.html.j2").render(pages=pages, orphans=orphans, **common))
     page_t = env.get_template("page.html.j2")
     for p in pages:
         notes = sorted({(m, n) for r in p.rows for m, n in r.notes.items()
