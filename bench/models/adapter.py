@@ -44,6 +44,7 @@ class DecoderAdapter:
     architectures: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
     norm_feeds: dict[str, tuple[str, ...]] = {}  # norm name -> roles of the linears reading its output
+    linear_pairs: tuple[tuple[str, str], ...] = ()  # (a, b): b reads a's output, up to a positive scale
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -59,6 +60,11 @@ class DecoderAdapter:
         raise NotImplementedError
 
     def embeddings(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def norm_consumer(self, block: nn.Module, norm: str) -> nn.Module:
+        """The smallest submodule that computes everything the norm's linears feed (e.g. self-attention),
+        called with the norm's output: what activation-aware searches compare before and after."""
         raise NotImplementedError
 
     def final_norm(self) -> nn.Module:

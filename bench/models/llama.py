@@ -11,6 +11,7 @@ class LlamaAdapter(DecoderAdapter):
     architectures = ("llama", "mistral", "qwen2", "qwen3")
     roles = ("q", "k", "v", "o", "gate", "up", "down")
     norm_feeds = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
+    linear_pairs = (("v", "o"), ("up", "down"))  # (a, b): scaling a's output rows by 1/s and b's columns by s is exact
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers
@@ -22,6 +23,9 @@ class LlamaAdapter(DecoderAdapter):
 
     def block_norms(self, block):
         return {"attn": block.input_layernorm, "mlp": block.post_attention_layernorm}
+
+    def norm_consumer(self, block, norm: str):
+        return {"attn": block.self_attn, "mlp": block.mlp}[norm]
 
     def embeddings(self):
         return [self.model.model.embed_tokens]

@@ -11,6 +11,7 @@ class OptAdapter(DecoderAdapter):
     architectures = ("opt",)
     roles = ("q", "k", "v", "o", "fc1", "fc2")
     norm_feeds = {"attn": ("q", "k", "v"), "mlp": ("fc1",)}
+    linear_pairs = (("v", "o"), ("fc1", "fc2"))  # ReLU between fc1 and fc2 commutes with positive scales
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.decoder.layers
@@ -22,6 +23,9 @@ class OptAdapter(DecoderAdapter):
 
     def block_norms(self, block):
         return {"attn": block.self_attn_layer_norm, "mlp": block.final_layer_norm}
+
+    def norm_consumer(self, block, norm: str):
+        return {"attn": block.self_attn, "mlp": block.fc1}[norm]
 
     def embeddings(self):
         d = self.model.model.decoder
