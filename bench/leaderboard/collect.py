@@ -11,6 +11,7 @@ stored in its `task_metrics.json` artifact.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import tempfile
@@ -46,7 +47,6 @@ class BackendCell:
 
 @dataclass
 class Row:
-    key: str
     method: str
     family: str
     method_params: dict
@@ -194,7 +194,7 @@ def _label_rows(rows: list[Row]) -> None:
             r.label = r.method + (f" ({', '.join(extra)})" if extra else "")
 
 
-def build_pages(results_dir: str | Path, with_samples: bool = True) -> tuple[list[Page], list[dict]]:
+def build_pages(results_dir: str | Path) -> tuple[list[Page], list[dict]]:
     """The pages, and the failed/killed runs of (model, task) pairs that have no finished run at all."""
     client, runs = load_runs(results_dir)
     groups: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -214,14 +214,14 @@ def build_pages(results_dir: str | Path, with_samples: bool = True) -> tuple[lis
         groups[(t.get("bench.model"), t.get("bench.task"), head)][_row_key(run)[0]].append(run)
     pages = []
     for (model, task, head), rows_runs in groups.items():
-        rows = [_make_row(client, key, rr, head, with_samples) for key, rr in rows_runs.items()]
+        rows = [_make_row(client, rr, head) for rr in rows_runs.values()]
         first = next(iter(rows_runs.values()))[0]
         names = [head] + sorted(set().union(*(_task_metrics(r) for rr in rows_runs.values() for r in rr)) - {head})
         direction = _direction(first, head) or "lower"
         statistic = next((r.notes.get("per_sample_name") for r in rows if r.notes.get("per_sample_name")), "")
         backends = sorted({b for r in rows for b in r.backends}, key=_backend_rank)
         page = Page(model, task, head, direction, statistic, names, rows, backends,
-                    [f for f in failed.get((model, task), [])])
+                    list(failed.get((model, task), [])))
         _rank(page)
         _label_rows(rows)
         pages.append(page)
@@ -236,15 +236,13 @@ def _backend_rank(name: str) -> tuple[int, str]:
 
 
 def _date(run) -> str:
-    import datetime
-
     return datetime.datetime.fromtimestamp(run.info.start_time / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _make_row(client, key: str, runs: list, head: str, with_samples: bool) -> Row:
+def _make_row(client, runs: list, head: str) -> Row:
     _, method_params, calib, budget = _row_key(runs[0])
     t0 = runs[0].data.tags
-    row = Row(key, t0.get("bench.method", "?"), t0.get("bench.method_family", ""), method_params, calib, budget,
+    row = Row(t0.get("bench.method", "?"), t0.get("bench.method_family", ""), method_params, calib, budget,
               paper=t0.get("bench.method_paper", ""), summary=t0.get("bench.method_summary", ""))
     by_backend = defaultdict(list)
     for r in runs:
@@ -269,18 +267,16 @@ def _make_row(client, key: str, runs: list, head: str, with_samples: bool) -> Ro
     row.bits_per_weight = latest.data.metrics.get("storage.bits_per_weight.block_linears")
     row.artifact_bytes = latest.data.metrics.get("storage.artifact_bytes")
     row.date, row.git_commit = _date(latest), latest.data.tags.get("bench.git_commit", "")
-    if with_samples:
-        samples = []
-        for r in row.runs:
-            stored = _artifact_json(client, r, "task_metrics.json") or []
-            for m in stored:
-                if m.get("notes", {}).get("data"):
-                    row.notes[m["name"]] = m["notes"]["data"]
-                if m["name"] == head and m.get("per_sample"):
-                    samples.append(m["per_sample"])
-                    row.notes["per_sample_name"] = m.get("per_sample_name", "")
-        if samples and len({len(s) for s in samples}) == 1:
-            row.per_sample = np.mean(np.asarray(samples, dtype=np.float64), axis=0)  # seed mean per sample
+    samples = []
+    for r in row.runs:
+        for m in _artifact_json(client, r, "task_metrics.json") or []:
+            if m.get("notes", {}).get("data"):
+                row.notes[m["name"]] = m["notes"]["data"]
+            if m["name"] == head and m.get("per_sample"):
+                samples.append(m["per_sample"])
+                row.notes["per_sample_name"] = m.get("per_sample_name", "")
+    if samples and len({len(s) for s in samples}) == 1:
+        row.per_sample = np.mean(np.asarray(samples, dtype=np.float64), axis=0)  # seed mean per sample
     return row
 
 
