@@ -55,3 +55,23 @@ def test_awq_beats_rtn_on_a_model_with_activation_outliers(tiny_llama, tmp_path)
     store.save("k", packed.tensors(base), packed.metadata())
     restored = method.restore(models.clone(base), *store.load("k"))
     assert torch.equal(restored.model(ids).logits, _logits(awq, ids))
+
+
+def test_every_new_ptq_method_runs_on_every_adapted_architecture(tiny_llama, tiny_opt):
+    """gptq, awq, smoothquant, bitmod on LLaMA and OPT through the adapter: all linears compressed, the
+    model still produces finite logits close to the original's."""
+    from bench.methods.bitmod import BitMoD
+    from bench.methods.gptq import GPTQ
+    from bench.methods.smoothquant import SmoothQuant
+
+    for lm in (tiny_llama, tiny_opt):
+        ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+        ref = _logits(lm, ids)
+        for method in (GPTQ(bits=4, group_size=32), AWQ(bits=4, group_size=32), SmoothQuant(),
+                       BitMoD(bits=4, group_size=32)):
+            work = models.clone(lm)
+            packed = method.compress(work, _calib(), Budget(name="t"))
+            assert set(packed.layers) == {r.name for r in lm.adapter.linears()}, (method.name, lm.spec.name)
+            out = _logits(work, ids)
+            assert torch.isfinite(out).all()
+            assert (out - ref).pow(2).mean() < 0.05 * ref.pow(2).mean(), (method.name, lm.spec.name)
