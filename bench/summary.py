@@ -16,7 +16,7 @@ def rows(results: list[CellResult]) -> list[list[str]]:
     out = []
     for r in results:
         task_metrics = [k for k in r.metrics if k.split(".")[0] in _task_roots(r.metrics)]
-        metric = task_metrics[0] if task_metrics else "-"
+        metric = r.tags.get("bench.primary_metric") or (task_metrics[0] if task_metrics else "-")
         e_val, e_src = _energy(r.metrics)
         pre = next((k for k in r.metrics if k.startswith("latency.prefill_") and k.endswith(".p50_s")), None)
         out.append([r.method + (" (reused)" if r.reused else ""), metric, fmt(r.metrics.get(metric)),

@@ -164,8 +164,8 @@ class CommonsenseQA(Task):
                                                                 for s in samples] if key == "acc" else None}))
                 if key == "acc":
                     accs.append(v)
-        if len(accs) > 1:
-            metrics.append(Metric(f"{self.name}.acc_mean_of_{len(accs)}_tasks{suffix}", sum(accs) / len(accs),
+        if len(accs) > 1:  # the headline metric of a multi-task run: listed first
+            metrics.insert(0, Metric(f"{self.name}.acc_mean_of_{len(accs)}_tasks{suffix}", sum(accs) / len(accs),
                                   "higher", unit="fraction",
                                   notes={"tasks": [c["task"] for c in configs], "failed": self.failures}))
         return metrics
