@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bench.methods.rtn import RTN
+from bench.methods.smoothquant import scale_norm_
 from bench.quant import quantize_rtn
 
 N_GRID = 20
@@ -139,9 +140,7 @@ class AWQ(RTN):
                 consumer = adapter.norm_consumer(block, norm_name)
                 lins = [refs[r].module for r in roles]
                 s, ratio = self._search_scale(consumer, lins, x[roles[0]], _accepted(consumer, kw))
-                norms[norm_name].weight.div_(s)
-                if getattr(norms[norm_name], "bias", None) is not None:
-                    norms[norm_name].bias.div_(s)
+                scale_norm_(norms[norm_name], s)
                 for lin in lins:
                     lin.weight.mul_(s.view(1, -1))
                 for r in roles:
@@ -153,8 +152,8 @@ class AWQ(RTN):
                     continue  # e.g. v -> o under grouped-query attention (the reference skips it too)
                 s, ratio = self._search_scale(lin, [lin], x[c], {})
                 prev.weight.div_(s.view(-1, 1))
-                if prev.bias is not None:
-                    prev.bias.div_(s)
+                if prev.bias is not None:  # stored in fp16 beside the quantized weight
+                    prev.bias.copy_((prev.bias / s).half().float())
                 lin.weight.mul_(s.view(1, -1))
                 x[c] = x[c] / s
                 searched.append({"block": b, "scaled": [c], "after": a, "ratio": ratio})

@@ -43,15 +43,22 @@ def activation_channel_max(adapter, windows: torch.Tensor) -> dict[tuple[int, in
 
 
 @torch.no_grad()
+def scale_norm_(norm, s: torch.Tensor, storage: torch.dtype = torch.float16) -> None:
+    """Divide a norm's weight (and bias) by s and round to the storage dtype: the artifact stores norms in
+    fp16, so the evaluated model must hold exactly the stored values."""
+    norm.weight.copy_((norm.weight / s).to(storage).to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.copy_((norm.bias / s).to(storage).to(norm.bias.dtype))
+
+
+@torch.no_grad()
 def smooth(adapter, act_max: dict[tuple[int, int], torch.Tensor], alpha: float) -> list[dict]:
     stats = []
     for b in range(len(adapter.blocks())):
         for gi, (norm, refs) in enumerate(adapter.norm_linear_groups(b)):
             w_max = torch.stack([r.module.weight.abs().amax(dim=0) for r in refs]).amax(dim=0).clamp(min=1e-5)
             s = (act_max[(b, gi)].pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-            norm.weight.div_(s)
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s)
+            scale_norm_(norm, s)
             for r in refs:
                 r.module.weight.mul_(s.view(1, -1))
             stats.append({"block": b, "group": [r.role for r in refs], "act_max": float(act_max[(b, gi)].max()),

@@ -86,7 +86,9 @@ def results_dir(tmp_path, monkeypatch):
 
 
 def run_cli(*args: str, results: Path, env: dict | None = None, timeout: int = 900):
-    e = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    # mlflow.set_tracking_uri (called by in-process tests) exports MLFLOW_TRACKING_URI, which would point the
+    # child at another test's store: the child's store is chosen by BENCH_RESULTS unless `env` says otherwise
+    e = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}
     e.update({"BENCH_RESULTS": str(results), **(env or {})})
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "plugins"), e.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=e, capture_output=True,
