@@ -22,6 +22,7 @@ from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
+from bench.quant.integer import restore_bias
 
 _MAGNITUDES = {3: [0.0, 1.0, 2.0, 4.0], 4: [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}
 _SPECIAL = {3: {"er": 3.0, "ea": 6.0}, 4: {"er": 10.0, "ea": 16.0}}
@@ -120,5 +121,4 @@ class BitMoD(Method):
         scales = stored["scale"]
         selectors = unpack_bits(stored["selector"], 2, scales.numel(), scales.shape)
         ref.module.weight.data.copy_(dequantize_bitmod(codes, scales, selectors, self.bits, g))
-        if "bias" in stored:
-            ref.module.bias.data.copy_(stored["bias"].float())
+        restore_bias(ref.module, stored)

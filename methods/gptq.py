@@ -27,7 +27,8 @@ from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant.activation import ActivationQuantized
 from bench.quant import n_groups, resolve_group_size
-from bench.quant.integer import from_codes, grid_params, load_int_layer, stored_int_layer, to_codes
+from bench.quant.integer import (from_codes, grid_params, int_format, load_int_layer, restore_bias,
+                                 stored_int_layer, to_codes)
 
 
 class HessianAccumulator:
@@ -148,8 +149,7 @@ class GPTQ(ActivationQuantized, Method):
         self.check_activation_settings()
 
     def fmt(self) -> str:
-        g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
-        return f"gptq-int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-actorder' if self.act_order else ''}"
+        return f"gptq-{int_format(self.bits, self.group_size, self.symmetric)}{'-actorder' if self.act_order else ''}"
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
@@ -194,5 +194,4 @@ class GPTQ(ActivationQuantized, Method):
         codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
         perm = stored["perm"].to(torch.long) if "perm" in stored else None
         ref.module.weight.data.copy_(dequantize_stored(codes, stored["scale"], zero, perm, self.bits, g))
-        if "bias" in stored:
-            ref.module.bias.data.copy_(stored["bias"].float())
+        restore_bias(ref.module, stored)

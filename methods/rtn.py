@@ -17,7 +17,7 @@ from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant.activation import ActivationQuantized
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import load_int_layer, stored_int_layer
+from bench.quant.integer import int_format, load_int_layer, restore_bias, stored_int_layer
 
 
 @dataclass
@@ -34,8 +34,7 @@ class RTN(ActivationQuantized, Method):
         self.check_activation_settings()
 
     def fmt(self) -> str:
-        g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
-        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}"
+        return int_format(self.bits, self.group_size, self.symmetric)
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
@@ -58,5 +57,4 @@ class RTN(ActivationQuantized, Method):
         codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
         q = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
         ref.module.weight.data.copy_(q.dequantize())
-        if "bias" in stored:
-            ref.module.bias.data.copy_(stored["bias"].float())
+        restore_bias(ref.module, stored)

@@ -99,6 +99,18 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bo
                         symmetric)
 
 
+def int_format(bits: int, group_size: int, symmetric: bool) -> str:
+    """The layer-format label of an integer grid, e.g. int4-asym-g128 (ch = per output channel)."""
+    g = "ch" if group_size in (-1, 0) else f"g{group_size}"
+    return f"int{bits}-{'sym' if symmetric else 'asym'}-{g}"
+
+
+def restore_bias(module, stored: dict[str, torch.Tensor]) -> None:
+    """Copy a stored fp16 bias (see `stored_int_layer`) back into a linear."""
+    if "bias" in stored:
+        module.bias.data.copy_(stored["bias"].float())
+
+
 def stored_int_layer(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
                      bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The tensors an integer-quantized linear stores: packed codes, fp16 scales, packed zero points, bias."""
