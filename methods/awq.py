@@ -124,15 +124,7 @@ class AWQ(RTN):
         searched = []
         for b, block in enumerate(adapter.blocks()):
             refs = {r.role: r for r in adapter.linears() if r.block == b}
-            feats: dict[str, list[torch.Tensor]] = {role: [] for role in refs}
-            hooks = [r.module.register_forward_pre_hook(lambda _m, a, role=role: feats[role].append(a[0].detach()))
-                     for role, r in refs.items()]
-            try:
-                outs = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-            finally:
-                for h in hooks:
-                    h.remove()
-            x = {role: torch.cat(v, dim=0) for role, v in feats.items()}  # (windows, seqlen, in): one batch
+            outs, x = adapter.run_block_capturing(b, inputs)  # x[role]: (windows, seqlen, in), one batch
             kw = inputs.kwargs[0]  # rotary embeddings and mask of one window broadcast over the batch
             norms = adapter.block_norms(block)
             # 1. scales: norm -> linears groups, then linear -> linear pairs

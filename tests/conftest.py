@@ -49,6 +49,19 @@ def loaded_tiny(arch: str = "llama", vocab: int = 256):
     return models.LoadedModel(spec, module, None, adapter, models.weights_sha256(module), info)
 
 
+def random_calib(n: int = 6, seqlen: int = 48, vocab: int = 256):
+    """A seeded calibration set of random token windows (for tiny random-weight models)."""
+    from bench.calib import CalibSet, CalibSpec
+
+    g = torch.Generator().manual_seed(0)
+    return CalibSet(CalibSpec(name="rand"), torch.randint(0, vocab, (n, seqlen), generator=g), "x")
+
+
+def logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.module(ids).logits
+
+
 @pytest.fixture
 def tiny_llama():
     return loaded_tiny("llama")

@@ -6,18 +6,13 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.calib import CalibSet, CalibSpec
 from bench.errors import BenchError
 from bench.methods.rtn import RTN
 from bench.methods.smoothquant import SmoothQuant, activation_channel_max, smooth
 from bench.quant.activation import ActQuantSpec, fake_quant_activations
+from conftest import logits, random_calib
 
 BUDGET = Budget(name="t")
-
-
-def _calib(n=6, seqlen=48, vocab=256):
-    g = torch.Generator().manual_seed(0)
-    return CalibSet(CalibSpec(name="rand"), torch.randint(0, vocab, (n, seqlen), generator=g), "x")
 
 
 def test_per_token_int8_keeps_each_token_on_its_own_255_level_grid():
@@ -45,18 +40,13 @@ def test_bad_activation_settings_are_named():
         RTN(act_bits=1)
 
 
-def _logits(lm, ids):
-    with torch.no_grad():
-        return lm.module(ids).logits
-
-
 def test_w8a8_rtn_runs_hooked_and_restores_with_its_hooks(tiny_llama, tmp_path):
     method = RTN(bits=8, group_size=-1, symmetric=True, act_bits=8)
     work = models.clone(tiny_llama)
     packed = method.compress(work, None, BUDGET)
     assert all(f.endswith("+a8-per_token-dynamic") for f in packed.layer_format.values())
     ids = torch.randint(0, 256, (1, 24))
-    ref, out = _logits(tiny_llama, ids), _logits(work, ids)
+    ref, out = logits(tiny_llama, ids), logits(work, ids)
     assert 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
     store = ArtifactStore(tmp_path)
     store.save("k", packed.tensors(tiny_llama), packed.metadata())
@@ -68,9 +58,9 @@ def test_w8a8_rtn_runs_hooked_and_restores_with_its_hooks(tiny_llama, tmp_path):
 def test_smoothing_alone_keeps_the_function(tiny_llama):
     work = models.clone(tiny_llama)
     ids = torch.randint(0, 256, (2, 32))
-    before = _logits(work, ids)
-    smooth(work.adapter, activation_channel_max(work.adapter, _calib().windows), alpha=0.5)
-    assert torch.allclose(_logits(work, ids), before, rtol=1e-2, atol=1e-2)  # exact up to fp16 norm storage
+    before = logits(work, ids)
+    smooth(work.adapter, activation_channel_max(work.adapter, random_calib().windows), alpha=0.5)
+    assert torch.allclose(logits(work, ids), before, rtol=1e-2, atol=1e-2)  # exact up to fp16 norm storage
     norm = work.adapter.block_norms(work.adapter.blocks()[0])["attn"]
     assert not torch.allclose(norm.weight, torch.ones_like(norm.weight))  # the scales really moved
 
@@ -88,22 +78,22 @@ def _with_outlier_channels(lm):
 def test_smoothquant_beats_naive_w8a8_rtn_when_activations_have_outliers(tiny_llama, act_bits):
     base = _with_outlier_channels(tiny_llama)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-    ref = _logits(base, ids)
+    ref = logits(base, ids)
     naive = models.clone(base)
     RTN(bits=8, group_size=-1, symmetric=True, act_bits=act_bits).compress(naive, None, BUDGET)
     smoothed = models.clone(base)
-    SmoothQuant(act_bits=act_bits).compress(smoothed, _calib(), BUDGET)
-    err_naive = (_logits(naive, ids) - ref).pow(2).mean()
-    err_smooth = (_logits(smoothed, ids) - ref).pow(2).mean()
+    SmoothQuant(act_bits=act_bits).compress(smoothed, random_calib(), BUDGET)
+    err_naive = (logits(naive, ids) - ref).pow(2).mean()
+    err_smooth = (logits(smoothed, ids) - ref).pow(2).mean()
     assert err_smooth < 0.5 * err_naive, (float(err_smooth), float(err_naive))
 
 
 def test_smoothquant_artifact_reloads_the_evaluated_model(tiny_llama, tmp_path):
     method = SmoothQuant()
     work = models.clone(tiny_llama)
-    packed = method.compress(work, _calib(), BUDGET)
+    packed = method.compress(work, random_calib(), BUDGET)
     store = ArtifactStore(tmp_path)
     store.save("k", packed.tensors(tiny_llama), packed.metadata())
     restored = method.restore(models.clone(tiny_llama), *store.load("k"))
     ids = torch.randint(0, 256, (1, 20))
-    assert torch.equal(restored.model(ids).logits, _logits(work, ids))
+    assert torch.equal(restored.model(ids).logits, logits(work, ids))

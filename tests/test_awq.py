@@ -5,19 +5,9 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.calib import CalibSet, CalibSpec
 from bench.methods.awq import AWQ
 from bench.methods.rtn import RTN
-
-
-def _calib(n=6, seqlen=48, vocab=256):
-    g = torch.Generator().manual_seed(0)
-    return CalibSet(CalibSpec(name="rand"), torch.randint(0, vocab, (n, seqlen), generator=g), "x")
-
-
-def _logits(lm, ids):
-    with torch.no_grad():
-        return lm.module(ids).logits
+from conftest import logits, random_calib
 
 
 def _with_outlier_channels(lm):
@@ -31,9 +21,9 @@ def _with_outlier_channels(lm):
 def test_scale_search_without_clipping_keeps_the_function(tiny_llama):
     work = models.clone(tiny_llama)
     ids = torch.randint(0, 256, (2, 32))
-    before = _logits(work, ids)
-    searched = AWQ(bits=3, group_size=32, clip=False).scale_and_clip(work, _calib())
-    assert torch.allclose(_logits(work, ids), before, rtol=1e-2, atol=1e-2)  # exact up to fp16 norm storage
+    before = logits(work, ids)
+    searched = AWQ(bits=3, group_size=32, clip=False).scale_and_clip(work, random_calib())
+    assert torch.allclose(logits(work, ids), before, rtol=1e-2, atol=1e-2)  # exact up to fp16 norm storage
     assert len(searched) == 2 * 3  # per block: q/k/v, gate/up, up->down (v->o skipped: GQA shapes differ)
     assert any(s["ratio"] > 0 for s in searched)
 
@@ -41,37 +31,40 @@ def test_scale_search_without_clipping_keeps_the_function(tiny_llama):
 def test_awq_beats_rtn_on_a_model_with_activation_outliers(tiny_llama, tmp_path):
     base = _with_outlier_channels(tiny_llama)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
-    ref = _logits(base, ids)
+    ref = logits(base, ids)
     rtn = models.clone(base)
     RTN(bits=3, group_size=32).compress(rtn, None, Budget(name="t"))
     awq = models.clone(base)
     method = AWQ(bits=3, group_size=32)
-    packed = method.compress(awq, _calib(), Budget(name="t"))
-    err_rtn = (_logits(rtn, ids) - ref).pow(2).mean()
-    err_awq = (_logits(awq, ids) - ref).pow(2).mean()
+    packed = method.compress(awq, random_calib(), Budget(name="t"))
+    err_rtn = (logits(rtn, ids) - ref).pow(2).mean()
+    err_awq = (logits(awq, ids) - ref).pow(2).mean()
     assert err_awq < 0.9 * err_rtn, (float(err_awq), float(err_rtn))  # measured here: 0.74x
     # the artifact (RTN codes + the rescaled norms) restores the same model
     store = ArtifactStore(tmp_path)
     store.save("k", packed.tensors(base), packed.metadata())
     restored = method.restore(models.clone(base), *store.load("k"))
-    assert torch.equal(restored.model(ids).logits, _logits(awq, ids))
+    assert torch.equal(restored.model(ids).logits, logits(awq, ids))
 
 
 def test_every_new_ptq_method_runs_on_every_adapted_architecture(tiny_llama, tiny_opt):
-    """gptq, awq, smoothquant, bitmod on LLaMA and OPT through the adapter: all linears compressed, the
+    """gptq, awq, smoothquant, bitmod, llm_fp4, fp_rtn on LLaMA and OPT through the adapter: all linears compressed, the
     model still produces finite logits close to the original's."""
     from bench.methods.bitmod import BitMoD
+    from bench.methods.fp_rtn import FloatRTN
     from bench.methods.gptq import GPTQ
+    from bench.methods.llm_fp4 import LLMFP4
     from bench.methods.smoothquant import SmoothQuant
 
     for lm in (tiny_llama, tiny_opt):
         ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-        ref = _logits(lm, ids)
+        ref = logits(lm, ids)
         for method in (GPTQ(bits=4, group_size=32), AWQ(bits=4, group_size=32), SmoothQuant(),
-                       BitMoD(bits=4, group_size=32)):
+                       BitMoD(bits=4, group_size=32), LLMFP4(a_bits=8, grid=10, search_rounds=1),
+                       FloatRTN(format="fp4_e2m1", group_size=32, act_format="fp8_e4m3")):
             work = models.clone(lm)
-            packed = method.compress(work, _calib(), Budget(name="t"))
+            packed = method.compress(work, random_calib(), Budget(name="t"))
             assert set(packed.layers) == {r.name for r in lm.adapter.linears()}, (method.name, lm.spec.name)
-            out = _logits(work, ids)
+            out = logits(work, ids)
             assert torch.isfinite(out).all()
             assert (out - ref).pow(2).mean() < 0.05 * ref.pow(2).mean(), (method.name, lm.spec.name)

@@ -6,20 +6,15 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.calib import CalibSet, CalibSpec
 from bench.methods.binarymos import BinaryMoS, BinaryMoSLinear
 from bench.quant import unpack_bits
-
-
-def _calib(n=8, seqlen=32, vocab=256):
-    g = torch.Generator().manual_seed(0)
-    return CalibSet(CalibSpec(name="rand"), torch.randint(0, vocab, (n, seqlen), generator=g), "x")
+from conftest import random_calib
 
 
 def _run(lm, steps=12, lr=5e-3):
     method = BinaryMoS(n_experts=4)
     work = models.clone(lm)
-    packed = method.compress(work, _calib(), Budget(name="t", train_steps=steps, lr=lr, calib_samples=8,
+    packed = method.compress(work, random_calib(8, 32), Budget(name="t", train_steps=steps, lr=lr, calib_samples=8,
                                                    calib_seqlen=32, warmup_ratio=0.0))
     return method, packed
 

@@ -8,9 +8,9 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.calib import CalibSet, CalibSpec
 from bench.methods.gptq import GPTQ, HessianAccumulator, dequantize_stored, gptq_quantize
 from bench.quant import quantize_rtn, unpack_bits
+from conftest import random_calib
 
 
 def _correlated_inputs(n=2048, d=64, seed=0):
@@ -64,15 +64,10 @@ def test_gptq_weights_take_at_most_2_pow_bits_values_per_group(act_order):
     assert torch.equal(rebuilt, res.dequantized)
 
 
-def _calib(n=6, seqlen=48, vocab=256):
-    g = torch.Generator().manual_seed(0)
-    return CalibSet(CalibSpec(name="rand"), torch.randint(0, vocab, (n, seqlen), generator=g), "x")
-
-
 def test_gptq_on_a_model_restores_bit_exactly_and_counts_its_bytes(tiny_llama, tmp_path):
     method = GPTQ(bits=3, group_size=32, act_order=True)
     work = models.clone(tiny_llama)
-    packed = method.compress(work, _calib(), Budget(name="t"))
+    packed = method.compress(work, random_calib(), Budget(name="t"))
     refs = list(tiny_llama.adapter.linears())
     assert set(packed.layers) == {r.name for r in refs}
     rep = packed.storage(tiny_llama)
@@ -94,8 +89,8 @@ def test_gptq_on_a_model_restores_bit_exactly_and_counts_its_bytes(tiny_llama, t
 
 
 def test_gptq_is_deterministic(tiny_llama):
-    a = GPTQ(bits=2, group_size=32).compress(models.clone(tiny_llama), _calib(), Budget(name="t"))
-    b = GPTQ(bits=2, group_size=32).compress(models.clone(tiny_llama), _calib(), Budget(name="t"))
+    a = GPTQ(bits=2, group_size=32).compress(models.clone(tiny_llama), random_calib(), Budget(name="t"))
+    b = GPTQ(bits=2, group_size=32).compress(models.clone(tiny_llama), random_calib(), Budget(name="t"))
     for name in a.layers:
         assert torch.equal(a.layers[name]["qweight"], b.layers[name]["qweight"])
 

@@ -4,14 +4,16 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.quant.floating import FORMATS, FloatFormat, float_format, quantize_float, round_to_format
+from bench.quant.floating import (FORMATS, FloatFormat, decode_float, float_format, quantize_float,
+                                   round_to_format)
 
 
 def test_fp4_e2m1_has_its_8_magnitudes_and_15_signed_values():
     assert FORMATS["fp4_e2m1"].magnitudes.tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
     w = torch.randn(64, 256)
-    q, scale = quantize_float(w, FORMATS["fp4_e2m1"], group_size=32)
-    s = scale.float().repeat_interleave(32, dim=1)
+    fq = quantize_float(w, FORMATS["fp4_e2m1"], group_size=32)
+    q, s = fq.dequantize(), fq.scale.float().repeat_interleave(32, dim=1)
+    assert fq.codes.max() <= 15 and torch.equal(decode_float(fq.codes, fq.fmt) * s, q)
     values = torch.unique(torch.round(q / s * 1e4) / 1e4)
     allowed = {v * sign for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6) for sign in (1, -1)}
     assert set(values.tolist()) <= allowed and len(allowed) == 15
@@ -59,3 +61,27 @@ def test_bad_formats_are_named():
         FloatFormat(6, 3)
     with pytest.raises(BenchError, match="fp4_e2m2"):
         float_format("fp4_e2m2")
+
+
+def test_fp_rtn_stores_packed_codes_and_restores_bit_exactly(tiny_llama, tmp_path):
+    import math
+
+    from bench import models
+    from bench.budget import Budget
+    from bench.cache import ArtifactStore
+    from bench.methods.fp_rtn import FloatRTN
+
+    method = FloatRTN(format="fp6_e3m2", group_size=32)
+    work = models.clone(tiny_llama)
+    packed = method.compress(work, None, Budget(name="t"))
+    refs = list(work.adapter.linears())
+    # 6-bit codes + an fp16 scale per (row, group of 32)
+    expected = sum(math.ceil(o * i * 6 / 8) + 2 * o * math.ceil(i / 32) for o, i in (r.module.weight.shape for r in refs))
+    assert packed.storage(tiny_llama).linear_bytes == expected
+    store = ArtifactStore(tmp_path)
+    store.save("k", packed.tensors(tiny_llama), packed.metadata())
+    restored = method.restore(models.clone(tiny_llama), *store.load("k"))
+    ids = torch.randint(0, 256, (1, 16))
+    assert torch.equal(restored.model(ids).logits, work.module(ids).logits)
+    with pytest.raises(BenchError, match="fp4_e2m1"):
+        FloatRTN(format="fp5")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bench import data, models
+from bench import data
 from bench.tasks.wikitext import WikiText2Perplexity
 from bench.tasks.wikitext_lmeval import WikiTextLmEval, wikitext_documents
 

@@ -113,6 +113,21 @@ class DecoderAdapter:
         out = self.blocks()[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    @torch.no_grad()
+    def run_block_capturing(self, index: int, inputs: BlockInputs) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Run block `index` on every cached input; returns its outputs and, per linear role, the inputs
+        that linear saw, concatenated over the batches ((batches, seqlen, in_features))."""
+        refs = {r.role: r for r in self.linears() if r.block == index}
+        feats: dict[str, list[torch.Tensor]] = {role: [] for role in refs}
+        hooks = [r.module.register_forward_pre_hook(lambda _m, a, role=role: feats[role].append(a[0].detach()))
+                 for role, r in refs.items()]
+        try:
+            outs = [self.run_block(index, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+        finally:
+            for h in hooks:
+                h.remove()
+        return outs, {role: torch.cat(v, dim=0) for role, v in feats.items()}
+
     def norm_linear_groups(self, index: int) -> list[tuple[nn.Module, list[LinearRef]]]:
         """(norm, the linears that read its output) for block `index`: where a per-channel scale can move
         between a norm's weight and the next linears' input columns without changing the function."""

@@ -101,17 +101,56 @@ def round_to_format(x: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, to
     return vals.to(x.dtype if x.is_floating_point() else torch.float32), idx
 
 
-def quantize_float(w: torch.Tensor, fmt: FloatFormat, group_size: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake-quantize `w` (out, in) to `fmt` with an fp16 absmax scale per (row, group of columns):
-    returns (dequantized fp32 weights, fp16 scales (out, n_groups)). Group layout as in integer.py."""
+def encode_float(x: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, values): x rounded onto `fmt`; codes are uint8 sign << (E+M) | magnitude index."""
+    q, idx = round_to_format(x, fmt)
+    sign = (q < 0).to(torch.long) << (fmt.exp_bits + fmt.man_bits)
+    return (sign | idx).to(torch.uint8), q
+
+
+def decode_float(codes: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    width = fmt.exp_bits + fmt.man_bits
+    c = codes.long()
+    mags = fmt.magnitudes.to(torch.float32)[c & ((1 << width) - 1)]
+    return torch.where((c >> width) & 1 == 1, -mags, mags)
+
+
+@dataclass
+class FloatQuantized:
+    codes: torch.Tensor  # uint8 (out, in): sign | magnitude index
+    scale: torch.Tensor  # fp16 (out, n_groups)
+    group_size: int
+    fmt: FloatFormat
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.scale.to(torch.float32).repeat_interleave(self.group_size, dim=1)[:, :self.codes.shape[1]]
+        return decode_float(self.codes, self.fmt) * s
+
+
+def quantize_float(w: torch.Tensor, fmt: FloatFormat, group_size: int = -1, layer: str = "") -> FloatQuantized:
+    """Round-to-nearest of `w` (out, in) onto `fmt` with an fp16 absmax scale per (row, group of columns)
+    (group layout as in integer.py)."""
     from bench.quant.integer import group_minmax, resolve_group_size
 
     out, inp = w.shape
-    g = resolve_group_size(group_size, inp)
+    g = resolve_group_size(group_size, inp, layer)
     x = w.detach().to(torch.float32)
     lo, hi = group_minmax(x, g)
     amax = torch.maximum(lo.abs(), hi.abs())
     scale = (amax / fmt.max_value).clamp(min=1e-8).to(torch.float16)
     s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :inp]
-    q, _ = round_to_format(x / s, fmt)
-    return q.to(torch.float32) * s, scale
+    codes, _ = encode_float(x / s, fmt)
+    return FloatQuantized(codes, scale, g, fmt)
+
+
+def fake_quant_float_bias(x: torch.Tensor, exp_bits: int, man_bits: int, bias: torch.Tensor | float) -> torch.Tensor:
+    """Round x to the E`exp_bits`M`man_bits` format (no specials) with a real-valued exponent `bias`
+    (broadcast against x): largest value (2 - 2^-M) 2^(2^E - 1 - bias), subnormals below exponent field 1,
+    ties to even. A non-integer bias is a power-of-two rescaling of the integer-bias format: for integer b0,
+    the result equals s * round_to_format(x / s) with s = 2^(b0 - bias). Elementwise and fast (for searches)."""
+    bias = torch.as_tensor(bias, dtype=torch.float32)
+    maxval = (2 - 2.0 ** -man_bits) * torch.pow(2.0, 2**exp_bits - 1 - bias)
+    x = torch.maximum(torch.minimum(x, maxval), -maxval)
+    exponent = torch.clamp(torch.floor(torch.log2(x.abs()) + bias), min=1.0)
+    step = torch.pow(2.0, exponent - man_bits - bias)
+    return torch.round(x / step) * step
