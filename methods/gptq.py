@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -57,64 +57,85 @@ class GPTQResult:
     loss: float  # GPTQ's proxy loss sum (w - q)^2 / d^2 / 2
 
 
-def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                  act_order: bool = False, damp: float = 0.01, block_size: int = 128, layer: str = "") -> GPTQResult:
-    W = weight.detach().to(torch.float32).clone()
-    rows, cols = W.shape
-    g = resolve_group_size(group_size, cols, layer)
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+def inverse_hessian_factor(H: torch.Tensor, damp: float, layer: str = "") -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the reference's `Hinv`; its diagonal d_j
+    weighs column j's rounding error in GPTQ's loss (w - q)^2 / d_j^2."""
+    cols = H.shape[0]
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(cols)
     try:
         L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     except RuntimeError as e:  # not positive definite even after dampening
         raise NumericalFailure(f"GPTQ Hessian of {layer} is not positive definite ({e})",
                                "raise method.damp or use more calibration samples") from None
-    codes = torch.zeros_like(W)
-    ng = n_groups(cols, g)
-    scales = torch.zeros(rows, ng, dtype=torch.float16)
-    zeros = None if symmetric else torch.zeros(rows, ng)
+
+
+def without_dead_columns(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns never activated by the calibration data (diag H = 0): weight zeroed, H made invertible."""
+    W, H = W.clone(), H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
+               quantize_column: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """GPTQ's column loop with lazy batch updates, in place on W. `quantize_column(c, w, W)` returns the
+    quantized column c given its current values w (W holds every update of earlier lazy batches, not those
+    of earlier columns of the current batch, as in the reference). Returns the proxy loss."""
+    rows, cols = W.shape
     losses = torch.zeros(rows)
-    scale = zero = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            c = i1 + i
-            if c % g == 0:
-                # like the reference: the group's range is read from W, which holds all updates of earlier
-                # lazy batches but not those of earlier columns of this batch
-                gw = W[:, c:c + g]
-                scale, zero = grid_params(gw.amin(dim=1), gw.amax(dim=1), bits, symmetric)
-                scales[:, c // g] = scale
-                if zeros is not None:
-                    zeros[:, c // g] = zero
             w = W1[:, i]
             d = Hinv1[i, i]
-            q_codes = to_codes(w, scale, zero, bits)
-            q = from_codes(q_codes, scale, zero, bits)
-            codes[:, c] = q_codes
+            q = quantize_column(i1 + i, w, W)
             losses += (w - q) ** 2 / d**2 / 2
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return float(losses.sum())
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                  act_order: bool = False, damp: float = 0.01, block_size: int = 128, layer: str = "") -> GPTQResult:
+    W, H = without_dead_columns(weight.detach().to(torch.float32), H)
+    rows, cols = W.shape
+    g = resolve_group_size(group_size, cols, layer)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_hessian_factor(H, damp, layer)
+    codes = torch.zeros_like(W)
+    ng = n_groups(cols, g)
+    scales = torch.zeros(rows, ng, dtype=torch.float16)
+    zeros = None if symmetric else torch.zeros(rows, ng)
+    grid: list = [None, None]
+
+    def quantize_column(c: int, w: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        if c % g == 0:  # like the reference: the group's range is read from W as updated so far
+            gw = W[:, c:c + g]
+            grid[:] = grid_params(gw.amin(dim=1), gw.amax(dim=1), bits, symmetric)
+            scales[:, c // g] = grid[0]
+            if zeros is not None:
+                zeros[:, c // g] = grid[1]
+        codes[:, c] = to_codes(w, *grid, bits)
+        return from_codes(codes[:, c], *grid, bits)
+
+    loss = gptq_sweep(W, Hinv, block_size, quantize_column)
     deq = from_codes(codes, scales.repeat_interleave(g, dim=1)[:, :cols],
                      None if zeros is None else zeros.repeat_interleave(g, dim=1)[:, :cols], bits)
     if perm is not None:
         inv = torch.argsort(perm)
         codes, deq = codes[:, inv], deq[:, inv]
-    return GPTQResult(codes.to(torch.uint8), scales, None if zeros is None else zeros.to(torch.uint8), perm, deq,
-                      float(losses.sum()))
+    return GPTQResult(codes.to(torch.uint8), scales, None if zeros is None else zeros.to(torch.uint8), perm, deq, loss)
 
 
 def dequantize_stored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, perm: torch.Tensor | None,

@@ -48,8 +48,9 @@ def test_awq_beats_rtn_on_a_model_with_activation_outliers(tiny_llama, tmp_path)
 
 
 def test_every_new_ptq_method_runs_on_every_adapted_architecture(tiny_llama, tiny_opt):
-    """gptq, awq, smoothquant, bitmod, llm_fp4, fp_rtn on LLaMA and OPT through the adapter: all linears compressed, the
+    """gptq, awq, smoothquant, bitmod, llm_fp4, fp_rtn, baq on LLaMA and OPT through the adapter: all linears compressed, the
     model still produces finite logits close to the original's."""
+    from bench.methods.baq import BAQ
     from bench.methods.bitmod import BitMoD
     from bench.methods.fp_rtn import FloatRTN
     from bench.methods.gptq import GPTQ
@@ -61,7 +62,7 @@ def test_every_new_ptq_method_runs_on_every_adapted_architecture(tiny_llama, tin
         ref = logits(lm, ids)
         for method in (GPTQ(bits=4, group_size=32), AWQ(bits=4, group_size=32), SmoothQuant(),
                        BitMoD(bits=4, group_size=32), LLMFP4(a_bits=8, grid=10, search_rounds=1),
-                       FloatRTN(format="fp4_e2m1", group_size=32, act_format="fp8_e4m3")):
+                       FloatRTN(format="fp4_e2m1", group_size=32, act_format="fp8_e4m3"), BAQ(bits=4.0)):
             work = models.clone(lm)
             packed = method.compress(work, random_calib(), Budget(name="t"))
             assert set(packed.layers) == {r.name for r in lm.adapter.linears()}, (method.name, lm.spec.name)
