@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError, check_range
-from bench.methods.gptq import HessianAccumulator, gptq_sweep, inverse_hessian_factor, without_dead_columns
+from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -99,24 +99,13 @@ class BAQ(Method):
         if self.scope not in ("layer", "model"):
             raise ConfigError(f"method.scope='{self.scope}' is unknown", "use layer or model")
 
-    def _hessians(self, adapter, inputs, b: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        refs = [r for r in adapter.linears() if r.block == b]
-        acc = {r.name: HessianAccumulator(r.module.weight.shape[1]) for r in refs}
-        hooks = [r.module.register_forward_hook(lambda m, a, o, name=r.name: acc[name].add(a[0])) for r in refs]
-        try:
-            outs = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
-        finally:
-            for hk in hooks:
-                hk.remove()
-        return outs, {name: a.H for name, a in acc.items()}
-
     @torch.no_grad()
     def sensitivities(self, model, calib) -> dict[str, Sensitivity]:
         adapter = model.adapter
         inputs = adapter.capture_block_inputs(list(calib.windows))
         out: dict[str, Sensitivity] = {}
         for b in range(len(adapter.blocks())):
-            inputs.hidden, hessians = self._hessians(adapter, inputs, b)
+            inputs.hidden, hessians = block_hessians(adapter, inputs, b)
             for ref in (r for r in adapter.linears() if r.block == b):
                 W, H = without_dead_columns(ref.module.weight.data.float(), hessians.pop(ref.name))
                 d = torch.diag(inverse_hessian_factor(H, self.damp, ref.name))
@@ -138,7 +127,7 @@ class BAQ(Method):
         packed = Packed(model.module, self.name, self.execution)
         inputs = adapter.capture_block_inputs(list(calib.windows))
         for b in range(len(adapter.blocks())):
-            _, hessians = self._hessians(adapter, inputs, b)
+            _, hessians = block_hessians(adapter, inputs, b)
             for ref in (r for r in adapter.linears() if r.block == b):
                 w = ref.module.weight.data
                 col_bits = allocation[ref.name]

@@ -47,6 +47,20 @@ class HessianAccumulator:
         self.H += x.T @ x
 
 
+@torch.no_grad()
+def block_hessians(adapter, inputs, b: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Run block `b` on the cached inputs: its outputs, and H of every linear of the block by name."""
+    refs = [r for r in adapter.linears() if r.block == b]
+    acc = {r.name: HessianAccumulator(r.module.weight.shape[1]) for r in refs}
+    hooks = [r.module.register_forward_hook(lambda m, a, o, name=r.name: acc[name].add(a[0])) for r in refs]
+    try:
+        outs = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return outs, {name: a.H for name, a in acc.items()}
+
+
 @dataclass
 class GPTQResult:
     codes: torch.Tensor  # uint8 (out, in) in original column order
@@ -179,21 +193,11 @@ class GPTQ(ActivationQuantized, Method):
         inputs = adapter.capture_block_inputs(list(calib.windows))
         refs = list(adapter.linears())
         for b in range(len(adapter.blocks())):
-            block_refs = [r for r in refs if r.block == b]
-            acc = {r.name: HessianAccumulator(r.module.weight.shape[1]) for r in block_refs}
-            hooks = [r.module.register_forward_hook(lambda m, a, o, name=r.name: acc[name].add(a[0]))
-                     for r in block_refs]
-            try:
-                for h, kw in zip(inputs.hidden, inputs.kwargs):
-                    adapter.run_block(b, h, kw)
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            for r in block_refs:
+            _, hessians = block_hessians(adapter, inputs, b)
+            for r in (r for r in refs if r.block == b):
                 w = r.module.weight.data
-                res = gptq_quantize(w, acc[r.name].H, self.bits, self.group_size, self.symmetric, self.act_order,
-                                    self.damp, self.block_size, r.name)
-                del acc[r.name]
+                res = gptq_quantize(w, hessians.pop(r.name), self.bits, self.group_size, self.symmetric,
+                                    self.act_order, self.damp, self.block_size, r.name)
                 stats = layer_stats(r, w, res.dequantized)
                 stats["gptq_loss"] = res.loss
                 packed.per_layer.append(stats)
