@@ -33,6 +33,21 @@ def test_every_shipped_plugin_config_builds():
                 assert obj.name == path.stem or group == "model", path
 
 
+def test_every_shipped_sweep_composes_and_names_existing_plugins():
+    from hydra import compose, initialize_config_dir
+
+    import bench.app  # noqa: F401  (registers the config's resolvers, as the CLI does)
+
+    root = Path(__file__).parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(root), version_base=None):
+        for path in sorted((root / "sweep").glob("*.yaml")):
+            cfg = compose(config_name="config", overrides=[f"sweep={path.stem}"], return_hydra_config=True)
+            params = cfg.hydra.sweeper.params
+            for group in ("method", "task", "hardware", "model"):
+                for choice in str(params.get(group, "")).split(","):
+                    assert not choice or (root / group / f"{choice}.yaml").exists(), (path.stem, group, choice)
+
+
 def test_unknown_task_and_hardware(results_dir):
     for arg, word in (("task=wikitxt", "task"), ("hardware=gpu9", "hardware")):
         r = run_cli(arg, results=results_dir)
