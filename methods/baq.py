@@ -34,7 +34,7 @@ from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_facto
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
-from bench.quant.integer import restore_bias
+from bench.quant.integer import restore_bias, stored_bias
 
 
 @dataclass
@@ -132,8 +132,7 @@ class BAQ(Method):
                 w = ref.module.weight.data
                 col_bits = allocation[ref.name]
                 stored, deq, loss = self._quantize_layer(w, hessians.pop(ref.name), col_bits, ref.name)
-                if ref.module.bias is not None:
-                    stored["bias"] = ref.module.bias.data.to(torch.float16)
+                stored.update(stored_bias(ref.module))
                 packed.per_layer.append({**layer_stats(ref, w, deq), "gptq_loss": loss,
                                          "mean_code_bits": float(col_bits.mean()),
                                          "zero_bit_columns": int((col_bits == 0).sum())})

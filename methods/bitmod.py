@@ -22,7 +22,7 @@ from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
-from bench.quant.integer import restore_bias
+from bench.quant.integer import restore_bias, stored_bias
 
 _MAGNITUDES = {3: [0.0, 1.0, 2.0, 4.0], 4: [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}
 _SPECIAL = {3: {"er": 3.0, "ea": 6.0}, 4: {"er": 10.0, "ea": 16.0}}
@@ -107,8 +107,7 @@ class BitMoD(Method):
                                                                       minlength=4).tolist()})
             w.copy_(deq)
             stored = {"qweight": pack_bits(codes, self.bits), "scale": scales, "selector": pack_bits(selectors, 2)}
-            if ref.module.bias is not None:
-                stored["bias"] = ref.module.bias.data.to(torch.float16)
+            stored.update(stored_bias(ref.module))
             packed.layers[ref.name] = stored
             packed.layer_format[ref.name] = f"bitmod-fp{self.bits}-g{self.group_size}"
         return self.runtime_hooks(model, packed)

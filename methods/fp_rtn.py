@@ -19,7 +19,7 @@ from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
 from bench.quant.activation import ActivationQuantized
 from bench.quant.floating import FloatQuantized, float_format, quantize_float
-from bench.quant.integer import restore_bias
+from bench.quant.integer import restore_bias, stored_bias
 
 
 @dataclass
@@ -48,8 +48,7 @@ class FloatRTN(ActivationQuantized, Method):
             packed.per_layer.append(layer_stats(ref, w, wq))
             w.copy_(wq)
             stored = {"qweight": pack_bits(fq.codes, fmt.bits), "scale": fq.scale}
-            if ref.module.bias is not None:
-                stored["bias"] = ref.module.bias.data.to(torch.float16)
+            stored.update(stored_bias(ref.module))
             packed.layers[ref.name] = stored
             packed.layer_format[ref.name] = self.fmt()
         return self.runtime_hooks(model, packed)

@@ -38,7 +38,7 @@ from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FloatFormat, decode_float, encode_float, fake_quant_float_bias
-from bench.quant.integer import restore_bias
+from bench.quant.integer import restore_bias, stored_bias
 
 
 def formats_for(bits: int) -> list[tuple[int, int]]:
@@ -183,8 +183,7 @@ class LLMFP4(Method):
                 wq = q * scale.to(torch.float32).unsqueeze(1)
                 stored = {"qweight": pack_bits(codes, self.w_bits), "scale": scale.unsqueeze(1),
                           "w_format": torch.tensor([e, m], dtype=torch.uint8)}
-                if ref.module.bias is not None:
-                    stored["bias"] = ref.module.bias.data.to(torch.float16)
+                stored.update(stored_bias(ref.module))
                 label = f"fp{self.w_bits}-e{e}m{m}-ch"
                 if act is not None:
                     stored.update(act_bias=act.t.reshape(1).to(torch.float32), act_shift=act.shift.to(torch.uint8),

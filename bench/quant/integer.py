@@ -105,6 +105,11 @@ def int_format(bits: int, group_size: int, symmetric: bool) -> str:
     return f"int{bits}-{'sym' if symmetric else 'asym'}-{g}"
 
 
+def stored_bias(module) -> dict[str, torch.Tensor]:
+    """A linear's bias as the artifact stores it (fp16), or nothing if it has none."""
+    return {} if module.bias is None else {"bias": module.bias.detach().to(torch.float16)}
+
+
 def restore_bias(module, stored: dict[str, torch.Tensor]) -> None:
     """Copy a stored fp16 bias (see `stored_int_layer`) back into a linear."""
     if "bias" in stored:
