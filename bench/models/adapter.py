@@ -7,6 +7,7 @@ cached inputs (what GPTQ-style and block-wise methods need). One adapter per arc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -45,6 +46,7 @@ class DecoderAdapter:
     roles: tuple[str, ...] = ()
     norm_feeds: dict[str, tuple[str, ...]] = {}  # norm name -> roles of the linears reading its output
     linear_pairs: tuple[tuple[str, str], ...] = ()  # (a, b): b reads a's output, up to a positive scale
+    mlp_out_role: str = ""  # the linear writing the MLP's output back to the residual stream
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -69,6 +71,23 @@ class DecoderAdapter:
 
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        """The self-attention module; under `eager_attention` its output[1] holds the attention probabilities."""
+        return self.norm_consumer(block, "attn")
+
+    @contextmanager
+    def eager_attention(self):
+        """Compute attention explicitly (softmax probabilities returned) instead of a fused kernel, for methods
+        whose loss reads attention maps. Block inputs must be captured inside the context: the model builds
+        its attention mask for the implementation in use."""
+        config = self.model.config
+        before = config._attn_implementation
+        config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
 
     def head(self) -> nn.Module:
         return self.model.lm_head

@@ -12,6 +12,7 @@ class LlamaAdapter(DecoderAdapter):
     roles = ("q", "k", "v", "o", "gate", "up", "down")
     norm_feeds = {"attn": ("q", "k", "v"), "mlp": ("gate", "up")}
     linear_pairs = (("v", "o"), ("up", "down"))  # (a, b): scaling a's output rows by 1/s and b's columns by s is exact
+    mlp_out_role = "down"
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.layers

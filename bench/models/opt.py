@@ -12,6 +12,7 @@ class OptAdapter(DecoderAdapter):
     roles = ("q", "k", "v", "o", "fc1", "fc2")
     norm_feeds = {"attn": ("q", "k", "v"), "mlp": ("fc1",)}
     linear_pairs = (("v", "o"), ("fc1", "fc2"))  # ReLU between fc1 and fc2 commutes with positive scales
+    mlp_out_role = "fc2"
 
     def blocks(self) -> nn.ModuleList:
         return self.model.model.decoder.layers
