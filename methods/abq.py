@@ -219,7 +219,8 @@ class ABQ(ActivationQuantized, Method):
         if self.lwc:
             for role, r in refs.items():
                 shape = (r.module.weight.shape[0], n_groups(r.module.weight.shape[1], g[role]))
-                clip[role] = (torch.nn.Parameter(torch.full(shape, LWC_INIT)), torch.nn.Parameter(torch.full(shape, LWC_INIT)))
+                clip[role] = (torch.nn.Parameter(torch.full(shape, LWC_INIT)),
+                              torch.nn.Parameter(torch.full(shape, LWC_INIT)))
         comp = None
         n_blocks = len(adapter.blocks())
         if self.compensation and (b < COMPENSATED_FIRST or b >= n_blocks - COMPENSATED_LAST):
@@ -274,7 +275,8 @@ class ABQ(ActivationQuantized, Method):
             if self.act_spec.enabled and getattr(norms[norm_name], "bias", None) is not None:
                 lo, hi = stats[roles[0]]
                 shift = torch.nn.Parameter((lo + hi) / 2)
-            out.append(_Transform(norm_name, True, tuple(roles), torch.nn.Parameter(init_scale(roles[0], roles)), shift))
+            scale = torch.nn.Parameter(init_scale(roles[0], roles))
+            out.append(_Transform(norm_name, True, tuple(roles), scale, shift))
         for a, c in adapter.linear_pairs:
             if refs[a].module.weight.shape[0] != refs[c].module.weight.shape[1]:
                 continue  # grouped-query attention: v's rows do not map one-to-one onto o's columns
