@@ -36,7 +36,6 @@ transformed under grouped-query attention (shapes differ), as in AWQ.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,7 +46,7 @@ from torch.func import functional_call
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
-from bench.quant import n_groups, pack_bits, resolve_group_size, unpack_bits
+from bench.quant import n_groups, pack_levels, resolve_group_size, unpack_levels
 from bench.quant.activation import ActivationQuantized, fake_quant_activations
 from bench.quant.integer import restore_bias, stored_bias
 
@@ -92,23 +91,6 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :in_f]
     z = zero.to(torch.float32).repeat_interleave(g, dim=1)[:, :in_f]
     return (codes.to(torch.float32) - z) * s
-
-
-def pack_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
-    """Codes of a `levels`-level grid: 5 levels go three to 7 bits (base 5), others at ceil(log2 levels)."""
-    if levels != 5:
-        return pack_bits(codes, math.ceil(math.log2(levels)))
-    flat = codes.reshape(-1).to(torch.int64)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 3)]).reshape(-1, 3)
-    return pack_bits(flat[:, 0] + 5 * flat[:, 1] + 25 * flat[:, 2], 7)
-
-
-def unpack_levels(packed: torch.Tensor, levels: int, n: int, shape) -> torch.Tensor:
-    if levels != 5:
-        return unpack_bits(packed, math.ceil(math.log2(levels)), n, shape)
-    v = unpack_bits(packed, 7, math.ceil(n / 3)).to(torch.int64)
-    digits = torch.stack([v % 5, (v // 5) % 5, v // 25], dim=1).reshape(-1)
-    return digits[:n].to(torch.uint8).reshape(shape)
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

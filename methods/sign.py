@@ -46,7 +46,7 @@ class SignBinarization(Method):
             w.copy_(wq)
             packed.layers[ref.name] = stored
             packed.layer_format[ref.name] = "sign-1bit-rowscale-fp16"
-        return packed
+        return self.runtime_hooks(model, packed)
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

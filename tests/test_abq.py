@@ -10,17 +10,19 @@ from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
 from bench.errors import BenchError
-from bench.methods.abq import ABQ, dequantize_codes, lwc_quantize, pack_levels, unpack_levels
+from bench.methods.abq import ABQ, dequantize_codes, lwc_quantize
+from bench.quant import pack_levels, unpack_levels
 from bench.methods.rtn import RTN
 from conftest import loaded_tiny, logits, random_calib
 
 
-@pytest.mark.parametrize("levels,bits_each", [(5, 7 / 3), (8, 3), (16, 4)])
+@pytest.mark.parametrize("levels,bits_each", [(3, 8 / 5), (5, 7 / 3), (8, 3), (16, 4)])
 def test_level_codes_pack_to_their_stated_size_and_round_trip(levels, bits_each):
     codes = torch.randint(0, levels, (37, 41), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     packed = pack_levels(codes, levels)
     n = codes.numel()
-    expected = math.ceil(math.ceil(n / 3) * 7 / 8) if levels == 5 else math.ceil(n * bits_each / 8)
+    per, bits = {3: (5, 8), 5: (3, 7)}.get(levels, (1, bits_each))
+    expected = math.ceil(math.ceil(n / per) * bits / 8)
     assert packed.numel() == expected
     assert torch.equal(unpack_levels(packed, levels, n, codes.shape), codes)
 

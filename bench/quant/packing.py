@@ -39,3 +39,29 @@ def unpack_bits(packed: torch.Tensor, bits: int, n_values: int, shape=None) -> t
         out = (planes.astype(np.uint8) << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
     t = torch.from_numpy(np.ascontiguousarray(out))
     return t.reshape(shape) if shape is not None else t
+
+
+# Grids whose level count is not a power of two pack several codes into one base-`levels` number:
+# 3 levels (ternary): 5 codes in 8 bits (3^5 = 243), 1.6 bits each; 5 levels: 3 codes in 7 bits (125), 2.33.
+BASE_PACKING = {3: (5, 8), 5: (3, 7)}
+
+
+def pack_levels(codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """Codes in [0, levels): base-`levels` groups for 3 and 5 levels, else ceil(log2 levels) bits each."""
+    if levels not in BASE_PACKING:
+        return pack_bits(codes, math.ceil(math.log2(levels)))
+    per, bits = BASE_PACKING[levels]
+    flat = codes.reshape(-1).to(torch.int64)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)
+    weights = levels ** torch.arange(per)
+    return pack_bits((flat * weights).sum(dim=1), bits)
+
+
+def unpack_levels(packed: torch.Tensor, levels: int, n_values: int, shape=None) -> torch.Tensor:
+    if levels not in BASE_PACKING:
+        return unpack_bits(packed, math.ceil(math.log2(levels)), n_values, shape)
+    per, bits = BASE_PACKING[levels]
+    v = unpack_bits(packed, bits, math.ceil(n_values / per)).to(torch.int64)
+    digits = torch.stack([(v // levels**i) % levels for i in range(per)], dim=1).reshape(-1)[:n_values]
+    t = digits.to(torch.uint8)
+    return t.reshape(shape) if shape is not None else t

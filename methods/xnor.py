@@ -1,0 +1,34 @@
+"""`xnor`: XNOR-Net (Rastegari, Ordonez, Redmon, Farhadi; ECCV 2016) on the block linears: binary weights
+AND binary inputs. Weights as the suite's `sign` (sign x per-row mean |W|); each linear's input vector is
+replaced by beta_t * sign(x_t) with beta_t = mean |x_t| per token (XNOR-Net's K scaling), so the matmul
+is an XNOR-popcount times two scales. The activation binarization is a run-time hook (dynamic, nothing
+stored) and is re-attached after restore. Execution: fake-quant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.methods.sign import SignBinarization
+
+
+def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
+    beta = x.abs().mean(dim=-1, keepdim=True)
+    return torch.where(x >= 0, beta, -beta)
+
+
+@dataclass
+class XNOR(SignBinarization):
+    name: str = "xnor"
+    paper: ClassVar[str] = "Rastegari et al., XNOR-Net (ECCV 2016): binary weights and binary inputs"
+
+    def runtime_hooks(self, model, packed):
+        for ref in model.adapter.linears():
+            ref.module.register_forward_pre_hook(lambda _m, args: (binarize_tokens(args[0]), *args[1:]))
+        suffix = "+a1-per_token-meanabs"
+        packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}
+        packed.info["activations"] = "binary (sign x per-token mean |x|)"
+        return packed
