@@ -22,17 +22,15 @@ counted in bits per weight. Execution is fake-quant (fp32 matmul with a +/-1 mat
 from __future__ import annotations
 
 import copy
-import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from bench.errors import NumericalFailure, check_range
+from bench.distill import distill, kd_logits
+from bench.errors import check_range
 from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
@@ -135,7 +133,8 @@ class BinaryMoS(Method):
                 p.requires_grad_(True)
                 trainable.append(p)
 
-        history = self._distill(teacher, student, trainable, calib.windows, budget)
+        history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
+                          "binarymos distillation")
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
             for ref, m in zip(s_adapter.linears(), mos):
@@ -158,50 +157,10 @@ class BinaryMoS(Method):
         packed.info.update(history)
         return packed
 
-    def _distill(self, teacher, student, params, windows, budget) -> dict:
-        steps = budget.steps()
-        g = torch.Generator().manual_seed(self.seed)
-        opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
-
-        def lr_at(step):  # linear warm-up then cosine to 0 (HF "cosine" schedule)
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-        teacher.eval()
-        student.train()
-        losses = []
-        order = torch.randperm(windows.shape[0], generator=g)
-        t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc="binarymos distillation", unit="step")
-        for step in bar:
-            idx = [order[(step * budget.batch_size + j) % len(order)].item() for j in range(budget.batch_size)]
-            if (step * budget.batch_size) // len(order) != ((step + 1) * budget.batch_size - 1) // len(order):
-                order = torch.randperm(windows.shape[0], generator=g)
-            ids = windows[idx]
-            with torch.no_grad():
-                t_out = teacher(ids, output_hidden_states=True, use_cache=False)
-            s_out = student(ids, output_hidden_states=True, use_cache=False)
-            kd = F.kl_div(F.log_softmax(s_out.logits.float(), -1), F.softmax(t_out.logits.float(), -1),
-                          reduction="batchmean")
-            l2l = sum(F.mse_loss(s, t) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
-            loss = kd + self.l2l_scale * l2l
-            if not torch.isfinite(loss):
-                raise NumericalFailure(f"binarymos distillation loss became {loss.item()} at step {step}",
-                                       "lower budget.lr or check the calibration data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", kd=f"{float(kd.detach()):.3f}")
-        student.eval()
-        k = max(1, min(5, len(losses) // 4))
-        return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,
-                "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
-                "train_losses": losses}
+    def _loss(self, t_out, s_out):
+        kd = kd_logits(s_out.logits, t_out.logits)
+        l2l = sum(F.mse_loss(s, t) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+        return kd + self.l2l_scale * l2l, {"kd": float(kd.detach())}
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -1,0 +1,67 @@
+"""Knowledge distillation of a compressed student from the uncompressed teacher on the calibration windows:
+the training loop every distillation-based method shares (BinaryMoS, OneBit, ...). Steps, batch, lr and
+warm-up come from `budget=`; the window order is a seeded permutation, reshuffled each epoch."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bench.errors import NumericalFailure
+
+
+def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary, reduction "batchmean" (the references' KD term)."""
+    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.softmax(teacher_logits.float(), -1),
+                    reduction="batchmean")
+
+
+def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
+            loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str) -> dict:
+    """AdamW (no weight decay) with linear warm-up then cosine decay to 0; `loss_fn(teacher_out, student_out)`
+    returns the loss and named parts for the progress bar. Returns the training record."""
+    steps = budget.steps()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
+
+    def lr_at(step):  # HF "cosine" schedule
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    teacher.eval()
+    student.train()
+    losses = []
+    order = torch.randperm(windows.shape[0], generator=g)
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        idx = [order[(step * budget.batch_size + j) % len(order)].item() for j in range(budget.batch_size)]
+        if (step * budget.batch_size) // len(order) != ((step + 1) * budget.batch_size - 1) // len(order):
+            order = torch.randperm(windows.shape[0], generator=g)
+        ids = windows[idx]
+        with torch.no_grad():
+            t_out = teacher(ids, output_hidden_states=True, use_cache=False)
+        s_out = student(ids, output_hidden_states=True, use_cache=False)
+        loss, parts = loss_fn(t_out, s_out)
+        if not torch.isfinite(loss):
+            raise NumericalFailure(f"{desc} loss became {loss.item()} at step {step}",
+                                   "lower budget.lr or check the calibration data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+    student.eval()
+    k = max(1, min(5, len(losses) // 4))
+    return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,
+            "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
+            "train_losses": losses}
