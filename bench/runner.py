@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bench import calib as calib_mod
+from bench import recover as recover_mod
 from bench import models, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
@@ -103,6 +104,7 @@ class Runner:
         self.budget = build(cfg.budget, "budget")
         self.calib_spec = build(cfg.calib, "calib")
         self.model_spec = build(cfg.model, "model")
+        self.recover = build(cfg.recover, "recover")
         self.store = ArtifactStore(os.path.join(self.results, "artifacts"))
 
     # -- keys ------------------------------------------------------------------------------------------
@@ -113,7 +115,9 @@ class Runner:
         cfg = OmegaConf.to_container(self.cfg, resolve=True)
         cfg["method"] = method_cfg
         versions = tracking.package_versions()
+        stages = [method_cfg.get("name")] + ([f"recover={self.recover.name}"] if self.recover.enabled else [])
         tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
+                "bench.recover": self.recover.name, "bench.stages": " > ".join(stages),
                 "bench.model": self.model_spec.name, "bench.hardware": self.backend.name,
                 "bench.calib": self.calib_spec.name, "bench.budget": self.budget.name,
                 "bench.seed": str(self.cfg.seed), "bench.config_hash": sweep.cell_hash(cfg),
@@ -127,17 +131,22 @@ class Runner:
     # -- one cell --------------------------------------------------------------------------------------
     def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, timings: dict):
         calib = calib_id = None
-        if type(method).needs_calibration:
+        if type(method).needs_calibration or self.recover.enabled:
             calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
                                    self.budget.calib_seqlen, self.data_root)
             calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
                         "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
             run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
-        key = content_key(model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method))
+        parts = [model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method)]
+        if self.recover.enabled:  # a recovered model is another artifact; unrecovered keys stay as they were
+            parts += [OmegaConf.to_container(self.cfg.recover, resolve=True), file_sha256(recover_mod.__file__)[:16]]
+        key = content_key(*parts)
         t0 = time.perf_counter()
         if self.store.has(key):
             try:
                 packed = method.restore(models.clone(model), *self.store.load(key))
+                if self.recover.enabled:
+                    packed = self.recover.restore(models.with_module(model, packed.model), packed)
                 timings["restore_s"] = time.perf_counter() - t0
                 run.tag({"bench.cache": "hit", "bench.artifact_key": key})
                 return packed, key
@@ -145,6 +154,9 @@ class Runner:
                 self.store.discard(key)  # rebuilt below; the corrupt file is never trusted
         set_determinism(self.cfg.seed, self.cfg.threads)
         packed = method.compress(models.clone(model), calib, self.budget)
+        if self.recover.enabled:
+            packed = self.recover.apply(model.module, models.with_module(model, packed.model), packed, calib,
+                                        self.budget)
         timings["compress_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.store.save(key, packed.tensors(model), packed.metadata())

@@ -25,7 +25,7 @@ def test_every_shipped_plugin_config_builds():
 
     root = Path(__file__).parents[1] / "configs"
     with initialize_config_dir(config_dir=str(root), version_base=None):
-        for group in ("method", "task", "hardware", "budget", "calib", "model"):
+        for group in ("method", "task", "hardware", "budget", "calib", "model", "recover"):
             for path in sorted((root / group).glob("*.yaml")):
                 extra = ["model.name_or_path=org/some-model"] if (group, path.stem) == ("model", "hf") else []
                 cfg = compose(config_name="config", overrides=[f"{group}={path.stem}", *extra])
