@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bench.errors import check_range
-from bench.methods.gptq import block_hessians, inverse_hessian_factor, without_dead_columns
+from bench.methods.gptq import inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -181,21 +181,17 @@ class BiLLM(Method):
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
-        adapter = model.adapter
         packed = Packed(model.module, self.name, self.execution)
-        inputs = adapter.capture_block_inputs(list(calib.windows))
-        refs = list(adapter.linears())
-        for b in range(len(adapter.blocks())):
-            _, hessians = block_hessians(adapter, inputs, b)
-            for r in (r for r in refs if r.block == b):
-                w = r.module.weight.data
-                deq, stored = billm_quantize(w, hessians.pop(r.name), self.block_size, self.max_salient, self.damp,
-                                             r.name)
-                packed.per_layer.append(layer_stats(r, w, deq))
-                w.copy_(deq)
-                packed.layers[r.name] = {**stored, **stored_bias(r.module)}
-                packed.layer_format[r.name] = f"billm-residual-binary-b{self.block_size}"
-            inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+        def quantize_layer(r, H):
+            w = r.module.weight.data
+            deq, stored = billm_quantize(w, H, self.block_size, self.max_salient, self.damp, r.name)
+            packed.per_layer.append(layer_stats(r, w, deq))
+            w.copy_(deq)
+            packed.layers[r.name] = {**stored, **stored_bias(r.module)}
+            packed.layer_format[r.name] = f"billm-residual-binary-b{self.block_size}"
+
+        quantize_blockwise(model.adapter, calib.windows, quantize_layer)
         return packed
 
     @torch.no_grad()

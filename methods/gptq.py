@@ -61,6 +61,20 @@ def block_hessians(adapter, inputs, b: int) -> tuple[list[torch.Tensor], dict[st
     return outs, {name: a.H for name, a in acc.items()}
 
 
+@torch.no_grad()
+def quantize_blockwise(adapter, windows: torch.Tensor, quantize_layer: Callable[[object, torch.Tensor], None]) -> None:
+    """The GPTQ-style calibration schedule: per decoder block, gather every linear's Hessian from the block's
+    cached inputs, call `quantize_layer(ref, H)` for each linear (it writes the quantized weight in place),
+    then run the quantized block to produce the next block's inputs (as the reference)."""
+    inputs = adapter.capture_block_inputs(list(windows))
+    refs = list(adapter.linears())
+    for b in range(len(adapter.blocks())):
+        _, hessians = block_hessians(adapter, inputs, b)
+        for r in (r for r in refs if r.block == b):
+            quantize_layer(r, hessians.pop(r.name))
+        inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
 @dataclass
 class GPTQResult:
     codes: torch.Tensor  # uint8 (out, in) in original column order
@@ -188,27 +202,21 @@ class GPTQ(ActivationQuantized, Method):
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
-        adapter = model.adapter
         packed = Packed(model.module, self.name, self.execution)
-        inputs = adapter.capture_block_inputs(list(calib.windows))
-        refs = list(adapter.linears())
-        for b in range(len(adapter.blocks())):
-            _, hessians = block_hessians(adapter, inputs, b)
-            for r in (r for r in refs if r.block == b):
-                w = r.module.weight.data
-                res = gptq_quantize(w, hessians.pop(r.name), self.bits, self.group_size, self.symmetric,
-                                    self.act_order, self.damp, self.block_size, r.name)
-                stats = layer_stats(r, w, res.dequantized)
-                stats["gptq_loss"] = res.loss
-                packed.per_layer.append(stats)
-                w.copy_(res.dequantized)
-                stored = stored_int_layer(res.codes, res.scale, res.zero, self.bits, r.module.bias)
-                if res.perm is not None:
-                    stored["perm"] = res.perm.to(torch.int16 if res.perm.numel() < 2**15 else torch.int32)
-                packed.layers[r.name] = stored
-                packed.layer_format[r.name] = self.fmt()
-            # the next block sees the outputs of this block with its weights quantized (as the reference)
-            inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+        def quantize_layer(r, H):
+            w = r.module.weight.data
+            res = gptq_quantize(w, H, self.bits, self.group_size, self.symmetric, self.act_order, self.damp,
+                                self.block_size, r.name)
+            packed.per_layer.append({**layer_stats(r, w, res.dequantized), "gptq_loss": res.loss})
+            w.copy_(res.dequantized)
+            stored = stored_int_layer(res.codes, res.scale, res.zero, self.bits, r.module.bias)
+            if res.perm is not None:
+                stored["perm"] = res.perm.to(torch.int16 if res.perm.numel() < 2**15 else torch.int32)
+            packed.layers[r.name] = stored
+            packed.layer_format[r.name] = self.fmt()
+
+        quantize_blockwise(model.adapter, calib.windows, quantize_layer)
         packed.info["calib_tokens"] = int(calib.windows.numel())
         return self.runtime_hooks(model, packed)
 

@@ -26,7 +26,7 @@ import torch
 
 from bench.errors import check_range
 from bench.methods.billm import binarize_rows
-from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
+from bench.methods.gptq import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import n_groups, pack_bits, resolve_group_size, unpack_bits
@@ -104,21 +104,18 @@ class PBLLM(Method):
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
-        adapter = model.adapter
         packed = Packed(model.module, self.name, self.execution)
-        inputs = adapter.capture_block_inputs(list(calib.windows))
-        refs = list(adapter.linears())
-        for b in range(len(adapter.blocks())):
-            _, hessians = block_hessians(adapter, inputs, b)
-            for r in (r for r in refs if r.block == b):
-                w = r.module.weight.data
-                deq, stored, loss = pbllm_quantize(w, hessians.pop(r.name), self.salient_fraction, self.salient_bits,
-                                                   self.group_size, self.damp, self.block_size, r.name)
-                packed.per_layer.append({**layer_stats(r, w, deq), "gptq_loss": loss})
-                w.copy_(deq)
-                packed.layers[r.name] = {**stored, **stored_bias(r.module)}
-                packed.layer_format[r.name] = f"pbllm-binary+int{self.salient_bits}-{self.salient_fraction:g}salient"
-            inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+        def quantize_layer(r, H):
+            w = r.module.weight.data
+            deq, stored, loss = pbllm_quantize(w, H, self.salient_fraction, self.salient_bits, self.group_size,
+                                               self.damp, self.block_size, r.name)
+            packed.per_layer.append({**layer_stats(r, w, deq), "gptq_loss": loss})
+            w.copy_(deq)
+            packed.layers[r.name] = {**stored, **stored_bias(r.module)}
+            packed.layer_format[r.name] = f"pbllm-binary+int{self.salient_bits}-{self.salient_fraction:g}salient"
+
+        quantize_blockwise(model.adapter, calib.windows, quantize_layer)
         return packed
 
     @torch.no_grad()
