@@ -69,3 +69,17 @@ def test_cli_sign_then_rora_records_both_stages(results_dir, tiny_llama_dir):
     assert run.data.tags["bench.stages"] == "sign > recover=rora"
     assert run.data.tags["bench.recover"] == "rora"
     assert "method.recover_train_loss_last" in run.data.metrics
+
+
+def test_leaderboard_keeps_recovered_runs_apart_from_the_method_alone():
+    from types import SimpleNamespace
+
+    from bench.leaderboard.collect import _row_key
+
+    def run(**params):
+        return SimpleNamespace(data=SimpleNamespace(params={"method.name": "sign", **params},
+                                                    tags={"bench.method": "sign"}))
+    alone = _row_key(run(**{"recover.name": "none", "recover.rank": "64"}))
+    rora = _row_key(run(**{"recover.name": "rora", "recover.rank": "64", "recover.seed": "0"}))
+    assert alone[0] != rora[0]
+    assert rora[1] == {"recover.name": "rora", "recover.rank": "64"} and alone[1] == {}

@@ -128,6 +128,8 @@ def _row_key(run) -> tuple[str, dict, str, str]:
     params = run.data.params
     method_params = {k[len("method."):]: v for k, v in params.items()
                      if k.startswith("method.") and k[len("method."):] not in SKIP_METHOD_PARAMS}
+    if params.get("recover.name", "none") != "none":  # a recovery stage makes it another row (label shows it)
+        method_params.update({k: v for k, v in params.items() if k.startswith("recover.") and k != "recover.seed"})
     used_calib = "bench.calib_sha256" in run.data.tags  # calibration and budget matter only if used
     calib = run.data.tags.get("bench.calib", "-") if used_calib else "-"
     budget = run.data.tags.get("bench.budget", "-") if used_calib else "-"
