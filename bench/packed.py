@@ -19,6 +19,7 @@ from bench.models import LoadedModel
 # How the timed/evaluated model executes the compressed layers. Backends and summaries say this out loud.
 EXECUTION_DENSE = "dense"  # ordinary fp32 matmuls on uncompressed weights
 EXECUTION_FAKE_QUANT = "fake-quant"  # fp32 matmuls on dequantized weights: accuracy is real, speed is not
+EXECUTION_SPARSE_AS_DENSE = "dense-zeros"  # pruned weights run as dense fp32 matmuls: no sparse kernel, no speed-up
 
 
 @dataclass

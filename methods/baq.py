@@ -153,7 +153,7 @@ class BAQ(Method):
         maxq = (2.0 ** col_bits - 1).expand_as(scale)
         codes = torch.zeros_like(W)
 
-        def quantize_column(c, w, _W):
+        def quantize_column(c, w, _W, _W1):
             codes[:, c] = quantize_with(w, scale[:, c], zero[:, c], maxq[:, c])
             return (codes[:, c] - zero[:, c]) * scale[:, c]
 

@@ -108,10 +108,11 @@ def without_dead_columns(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor
 
 
 def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
-               quantize_column: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
-    """GPTQ's column loop with lazy batch updates, in place on W. `quantize_column(c, w, W)` returns the
+               quantize_column: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """GPTQ's column loop with lazy batch updates, in place on W. `quantize_column(c, w, W, W1)` returns the
     quantized column c given its current values w (W holds every update of earlier lazy batches, not those
-    of earlier columns of the current batch, as in the reference). Returns the proxy loss."""
+    of earlier columns of the current batch, as in the reference; W1 is the current lazy batch, columns
+    c - c % block_size onwards, with those updates too). Returns the proxy loss."""
     rows, cols = W.shape
     losses = torch.zeros(rows)
     for i1 in range(0, cols, block_size):
@@ -122,7 +123,7 @@ def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
         for i in range(i2 - i1):
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = quantize_column(i1 + i, w, W)
+            q = quantize_column(i1 + i, w, W, W1)
             losses += (w - q) ** 2 / d**2 / 2
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -147,7 +148,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
     zeros = None if symmetric else torch.zeros(rows, ng)
     grid: list = [None, None]
 
-    def quantize_column(c: int, w: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    def quantize_column(c: int, w: torch.Tensor, W: torch.Tensor, _W1: torch.Tensor) -> torch.Tensor:
         if c % g == 0:  # like the reference: the group's range is read from W as updated so far
             gw = W[:, c:c + g]
             grid[:] = grid_params(gw.amin(dim=1), gw.amax(dim=1), bits, symmetric)

@@ -56,7 +56,7 @@ def pbllm_quantize(weight: torch.Tensor, H: torch.Tensor, salient_fraction: floa
     codes = torch.zeros(rows, cols)
     positive = torch.zeros(rows, cols, dtype=torch.bool)
 
-    def quantize_column(c: int, w: torch.Tensor, _W: torch.Tensor) -> torch.Tensor:
+    def quantize_column(c: int, w: torch.Tensor, _W: torch.Tensor, _W1: torch.Tensor) -> torch.Tensor:
         a, m = binary_params[:, c // g, 0], binary_params[:, c // g, 1]
         positive[:, c] = w >= m
         binary = torch.where(positive[:, c], a, -a) + m
