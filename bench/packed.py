@@ -58,6 +58,7 @@ class Packed:
     layer_format: dict[str, str] = field(default_factory=dict)
     per_layer: list[dict] = field(default_factory=list)  # statistics, logged as an artifact
     info: dict = field(default_factory=dict)  # method-specific facts for the record (e.g. training loss)
+    extra_metadata: dict[str, str] = field(default_factory=dict)  # what a restore needs besides tensors
 
     def tensors(self, base: LoadedModel) -> dict[str, torch.Tensor]:
         """Everything the artifact stores: compressed layers + the other parameters at storage dtype."""
@@ -88,7 +89,8 @@ class Packed:
         return StorageReport(n_weights, linear, other, base.info["n_params"])
 
     def metadata(self) -> dict[str, str]:
-        return {"method": self.method, "execution": self.execution, "layer_format": json.dumps(self.layer_format)}
+        return {"method": self.method, "execution": self.execution, "layer_format": json.dumps(self.layer_format),
+                **self.extra_metadata}
 
 
 def layer_stats(ref, w: torch.Tensor, wq: torch.Tensor) -> dict:

