@@ -65,6 +65,10 @@ class Method:
         packed.info["restored_from_artifact"] = True
         return self.runtime_hooks(model, packed)
 
+    def code_objects(self) -> list:
+        """Whose source files key the artifact cache (a pipeline adds its stages)."""
+        return [self]
+
     def runtime_hooks(self, model: LoadedModel, packed: Packed) -> Packed:
         """Run-time behaviour that is not stored weights (e.g. activation quantization), re-attached after
         compress and after restore alike."""

@@ -89,8 +89,11 @@ def set_determinism(seed: int, threads: int) -> None:
 
 def method_code_hash(method: Method) -> str:
     """Part of the cache key: a change to the method's code invalidates its cached artifacts."""
-    src = inspect.getsourcefile(type(method))
-    return file_sha256(src)[:16] if src else "unknown"
+    hashes = []
+    for obj in method.code_objects():
+        src = inspect.getsourcefile(type(obj))
+        hashes.append(file_sha256(src)[:16] if src else "unknown")
+    return "-".join(hashes)
 
 
 class Runner:
@@ -115,7 +118,8 @@ class Runner:
         cfg = OmegaConf.to_container(self.cfg, resolve=True)
         cfg["method"] = method_cfg
         versions = tracking.package_versions()
-        stages = [method_cfg.get("name")] + ([f"recover={self.recover.name}"] if self.recover.enabled else [])
+        stages = getattr(self.method, "stage_names", [method_cfg.get("name")])
+        stages = stages + ([f"recover={self.recover.name}"] if self.recover.enabled else [])
         tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
                 "bench.recover": self.recover.name, "bench.stages": " > ".join(stages),
                 "bench.model": self.model_spec.name, "bench.hardware": self.backend.name,
@@ -131,7 +135,7 @@ class Runner:
     # -- one cell --------------------------------------------------------------------------------------
     def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, timings: dict):
         calib = calib_id = None
-        if type(method).needs_calibration or self.recover.enabled:
+        if method.needs_calibration or self.recover.enabled:
             calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
                                    self.budget.calib_seqlen, self.data_root)
             calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,

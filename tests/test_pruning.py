@@ -81,3 +81,27 @@ def test_pruning_methods_store_sparse_and_reload(tiny_llama, tiny_opt, pattern, 
             restored = method.restore(models.clone(lm), *store.load("k"))
             ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
             assert torch.equal(restored.model(ids).logits, logits(work, ids))
+
+
+def test_pipeline_sparsegpt_then_rtn_keeps_both_and_records_stages(tiny_llama, tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load("configs/method/pipeline.yaml")
+    method = instantiate(cfg, _convert_="all")
+    assert method.stage_names == ["sparsegpt", "rtn"] and method.needs_calibration
+    work = models.clone(tiny_llama)
+    packed = method.compress(work, random_calib(), Budget(name="t"))
+    for ref in work.adapter.linears():
+        w = ref.module.weight.data
+        o, i = w.shape
+        assert torch.all((w != 0).reshape(o, i // 4, 4).sum(-1) <= 2)  # SparseGPT's 2:4 zeros survive RTN
+        for row in w[:4]:
+            assert row[:128].unique().numel() <= 16  # and the weights are on RTN's 4-bit grid
+    assert packed.layer_format[next(iter(packed.layer_format))] == "int4-asym-g128"
+    assert "sparsegpt.sparse_kernel_ran" in packed.info
+    store = ArtifactStore(tmp_path)
+    store.save("k", packed.tensors(tiny_llama), packed.metadata())
+    restored = method.restore(models.clone(tiny_llama), *store.load("k"))
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(restored.model(ids).logits, logits(work, ids))
