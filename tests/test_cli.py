@@ -132,7 +132,7 @@ def test_third_party_plugin_package_is_discovered(results_dir, tmp_path):
     r = run_cli("method=xnorx", "--cfg", "job", results=results_dir, env={"PYTHONPATH": str(site)})
     assert r.returncode == 0, r.stderr
     assert "name: xnorx" in r.stdout
-    r = run_cli("method=xnorz", results=results_dir, env={"PYTHONPATH": str(site)})
+    r = run_cli("method=xnorxx", results=results_dir, env={"PYTHONPATH": str(site)})
     assert "did you mean 'xnorx'?" in r.stderr
 
 
