@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bench import calib as calib_mod
 from bench import recover as recover_mod
+from bench.recover import Recovery
 from bench import models, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
@@ -114,14 +115,15 @@ class Runner:
     def _task_key(self) -> str:
         return content_key(OmegaConf.to_container(self.cfg.task, resolve=True), type(self.task).protocol_version)
 
-    def _tags(self, method_cfg: dict, model: models.LoadedModel) -> dict[str, str]:
+    def _tags(self, method: Method, method_cfg: dict, recover: Recovery, model: models.LoadedModel) -> dict[str, str]:
         cfg = OmegaConf.to_container(self.cfg, resolve=True)
         cfg["method"] = method_cfg
         versions = tracking.package_versions()
-        stages = getattr(self.method, "stage_names", [method_cfg.get("name")])
-        stages = stages + ([f"recover={self.recover.name}"] if self.recover.enabled else [])
+        cfg["recover"] = OmegaConf.to_container(self.cfg.recover, resolve=True) if recover.enabled else {"name": "none"}
+        stages = getattr(method, "stage_names", [method_cfg.get("name")])
+        stages = stages + ([f"recover={recover.name}"] if recover.enabled else [])
         tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
-                "bench.recover": self.recover.name, "bench.stages": " > ".join(stages),
+                "bench.recover": recover.name, "bench.stages": " > ".join(stages),
                 "bench.model": self.model_spec.name, "bench.hardware": self.backend.name,
                 "bench.calib": self.calib_spec.name, "bench.budget": self.budget.name,
                 "bench.seed": str(self.cfg.seed), "bench.config_hash": sweep.cell_hash(cfg),
@@ -133,24 +135,24 @@ class Runner:
         return tags
 
     # -- one cell --------------------------------------------------------------------------------------
-    def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, timings: dict):
+    def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, recover: Recovery, timings: dict):
         calib = calib_id = None
-        if method.needs_calibration or self.recover.enabled:
+        if method.needs_calibration or recover.enabled:
             calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
                                    self.budget.calib_seqlen, self.data_root)
             calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
                         "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
             run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
         parts = [model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method)]
-        if self.recover.enabled:  # a recovered model is another artifact; unrecovered keys stay as they were
+        if recover.enabled:  # a recovered model is another artifact; unrecovered keys stay as they were
             parts += [OmegaConf.to_container(self.cfg.recover, resolve=True), file_sha256(recover_mod.__file__)[:16]]
         key = content_key(*parts)
         t0 = time.perf_counter()
         if self.store.has(key):
             try:
                 packed = method.restore(models.clone(model), *self.store.load(key))
-                if self.recover.enabled:
-                    packed = self.recover.restore(models.with_module(model, packed.model), packed)
+                if recover.enabled:
+                    packed = recover.restore(models.with_module(model, packed.model), packed)
                 timings["restore_s"] = time.perf_counter() - t0
                 run.tag({"bench.cache": "hit", "bench.artifact_key": key})
                 return packed, key
@@ -158,8 +160,8 @@ class Runner:
                 self.store.discard(key)  # rebuilt below; the corrupt file is never trusted
         set_determinism(self.cfg.seed, self.cfg.threads)
         packed = method.compress(models.clone(model), calib, self.budget)
-        if self.recover.enabled:
-            packed = self.recover.apply(model.module, models.with_module(model, packed.model), packed, calib,
+        if recover.enabled:
+            packed = recover.apply(model.module, models.with_module(model, packed.model), packed, calib,
                                         self.budget)
         timings["compress_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -168,17 +170,22 @@ class Runner:
         run.tag({"bench.cache": "miss", "bench.artifact_key": key})
         return packed, key
 
-    def run_cell(self, model: models.LoadedModel, method: Method, method_cfg: dict) -> CellResult:
-        tags = self._tags(method_cfg, model)
+    def run_cell(self, model: models.LoadedModel, method: Method, method_cfg: dict,
+                 recover: Recovery | None = None) -> CellResult:
+        """One MLflow run; `recover` (the main cell's recovery stage) never applies to the baseline."""
+        recover = recover or Recovery()
+        tags = self._tags(method, method_cfg, recover, model)
         tags.update({"bench.method_family": type(method).family, "bench.method_paper": type(method).paper,
                      "bench.method_summary": _first_line(sys.modules[type(method).__module__].__doc__)})
         params = OmegaConf.to_container(self.cfg, resolve=True)
         params["method"] = method_cfg
+        if not recover.enabled:
+            params["recover"] = {"name": "none"}
         timings: dict[str, float] = {}
         with tracking.Run(f"{method_cfg['name']}|{self.task.name}|{self.model_spec.name}", params, tags) as run:
             method.check_applicable(model)
             self.task.check_applicable(model)
-            packed, key = self._compress_or_restore(run, model, method, method_cfg, timings)
+            packed, key = self._compress_or_restore(run, model, method, method_cfg, recover, timings)
             storage = packed.storage(model)
             storage.artifact_bytes = self.store.paths(key)[0].stat().st_size
             late_tags = {"bench.execution": packed.execution}
@@ -246,7 +253,7 @@ class Runner:
         base = None
         if self.method.name != "none" and self.cfg.compare_baseline:
             base = self.baseline(model)
-        result = self.run_cell(model, self.method, method_cfg)
+        result = self.run_cell(model, self.method, method_cfg, self.recover)
         result.timings["model_load_s"] = load_s
         return base, result
 

@@ -61,11 +61,14 @@ def test_recovery_refuses_custom_layers_and_bad_settings(tiny_llama):
             Recovery(**{"name": "lora", **kw})
 
 
-def test_cli_sign_then_rora_records_both_stages(results_dir, tiny_llama_dir):
+def test_cli_sign_then_rora_records_both_stages_and_leaves_the_baseline_alone(results_dir, tiny_llama_dir):
     r = run_cli(*tiny_cli_args(tiny_llama_dir), "method=sign", "recover=rora", "recover.rank=4",
-                "compare_baseline=false", results=results_dir)
+                results=results_dir)
     assert r.returncode == 0, r.stderr[-2000:]
-    run = [x for x in mlflow_runs(results_dir) if x.data.tags["bench.method"] == "sign"][0]
+    runs = mlflow_runs(results_dir)
+    base = [x for x in runs if x.data.tags["bench.method"] == "none"][0]
+    assert base.data.tags["bench.stages"] == "none" and base.data.params["recover.name"] == "none"
+    run = [x for x in runs if x.data.tags["bench.method"] == "sign"][0]
     assert run.data.tags["bench.stages"] == "sign > recover=rora"
     assert run.data.tags["bench.recover"] == "rora"
     assert "method.recover_train_loss_last" in run.data.metrics
