@@ -15,7 +15,6 @@ compression) and counted in bits/weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -34,7 +33,6 @@ class Recovery:
     rank: int = 64
     alpha: float = 16.0
     seed: int = 0
-    variants: ClassVar[tuple[str, ...]] = VARIANTS
 
     def __post_init__(self):
         if self.name not in VARIANTS:

@@ -46,17 +46,13 @@ from torch.func import functional_call
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
-from bench.quant import n_groups, pack_levels, resolve_group_size, unpack_levels
+from bench.quant import IntQuantized, n_groups, pack_levels, resolve_group_size, unpack_levels
 from bench.quant.activation import ActivationQuantized, fake_quant_activations
-from bench.quant.integer import restore_bias, stored_bias
+from bench.quant.integer import restore_bias, round_ste, stored_bias
 
 LWC_INIT = 4.0
 SCALE_FLOOR = 1e-2  # the reference keeps |LET scale| >= 1e-2 ("truncate_number")
 COMPENSATED_FIRST, COMPENSATED_LAST = 3, 4  # blocks whose MLP output linear gets the rank-1 term
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
 
 
 def grouped(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -84,13 +80,6 @@ def lwc_quantize(w: torch.Tensor, levels: int, g: int, up: torch.Tensor | None =
     codes = torch.clamp(round_ste(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, levels - 1)
     deq = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(out_f, -1)[:, :in_f]
     return deq, codes.detach().reshape(out_f, -1)[:, :in_f], scale.detach().to(torch.float16), zero
-
-
-def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g: int) -> torch.Tensor:
-    in_f = codes.shape[1]
-    s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :in_f]
-    z = zero.to(torch.float32).repeat_interleave(g, dim=1)[:, :in_f]
-    return (codes.to(torch.float32) - z) * s
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -367,7 +356,7 @@ class ABQ(ActivationQuantized, Method):
         codes = unpack_levels(stored["qweight"], self.levels, out_f * in_f, (out_f, in_f))
         scale = stored["scale"]
         zero = unpack_levels(stored["qzero"], self.levels, scale.numel(), scale.shape)
-        ref.module.weight.data.copy_(dequantize_codes(codes, scale, zero, g))
+        ref.module.weight.data.copy_(IntQuantized(codes, scale, zero, self.bits, g, False).dequantize())
         restore_bias(ref.module, stored)
 
 

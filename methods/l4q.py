@@ -28,11 +28,7 @@ from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import int_format, load_int_layer, restore_bias, stored_int_layer
-
-
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return (x.round() - x).detach() + x
+from bench.quant.integer import int_format, load_int_layer, restore_bias, round_ste, stored_int_layer
 
 
 class L4QLinear(nn.Module):
@@ -58,8 +54,8 @@ class L4QLinear(nn.Module):
         """Fake-quantized w and its codes on the learned grid (step rounded to its fp16 storage)."""
         in_f, maxq = w.shape[1], 2**self.bits - 1
         s = self.stored_step().repeat_interleave(self.g, dim=1)[:, :in_f]
-        z = torch.clamp(_round_ste(self.offset), 0, maxq).repeat_interleave(self.g, dim=1)[:, :in_f]
-        codes = torch.clamp(_round_ste(w / s) + z, 0, maxq)
+        z = torch.clamp(round_ste(self.offset), 0, maxq).repeat_interleave(self.g, dim=1)[:, :in_f]
+        codes = torch.clamp(round_ste(w / s) + z, 0, maxq)
         return (codes - z) * s, codes.detach()
 
     def stored_step(self) -> torch.Tensor:

@@ -10,8 +10,8 @@ from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
 from bench.errors import BenchError
-from bench.methods.abq import ABQ, dequantize_codes, lwc_quantize
-from bench.quant import pack_levels, unpack_levels
+from bench.methods.abq import ABQ, lwc_quantize
+from bench.quant import IntQuantized, pack_levels, unpack_levels
 from bench.methods.rtn import RTN
 from conftest import loaded_tiny, logits, random_calib
 
@@ -34,7 +34,7 @@ def test_two_bit_balanced_grid_has_five_levels_and_clipping_narrows_it():
     for row in range(16):
         for gi in range(3):
             assert deq[row, gi * 32:(gi + 1) * 32].unique().numel() <= 5
-    assert torch.equal(dequantize_codes(codes.to(torch.uint8), scale, zero, 32), deq)
+    assert torch.equal(IntQuantized(codes.to(torch.uint8), scale, zero, 2, 32, False).dequantize(), deq)
     # clipping factors sigmoid(u) < 1 shrink each group's range: smaller scales
     _, _, clipped, _ = lwc_quantize(w, 5, 32, torch.full((16, 3), -1.0), torch.full((16, 3), -1.0))
     assert torch.all(clipped < scale)

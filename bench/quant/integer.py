@@ -80,6 +80,11 @@ def to_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bi
     return torch.clamp(torch.round(x / scale.to(torch.float32)) + z, 0, 2**bits - 1)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient (quantization-aware training, learned grids)."""
+    return (x.round() - x).detach() + x
+
+
 def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     z = float(2 ** (bits - 1)) if zero is None else zero
     return (codes - z) * scale.to(torch.float32)
