@@ -115,11 +115,17 @@ class Runner:
     def _task_key(self) -> str:
         return content_key(OmegaConf.to_container(self.cfg.task, resolve=True), type(self.task).protocol_version)
 
-    def _tags(self, method: Method, method_cfg: dict, recover: Recovery, model: models.LoadedModel) -> dict[str, str]:
+    def _cell_config(self, method_cfg: dict, recover: Recovery) -> dict:
+        """The cell's full config as run: the baseline runs the main config with method=none and no recovery."""
         cfg = OmegaConf.to_container(self.cfg, resolve=True)
         cfg["method"] = method_cfg
+        if not recover.enabled:
+            cfg["recover"] = {"name": "none"}
+        return cfg
+
+    def _tags(self, method: Method, cfg: dict, recover: Recovery, model: models.LoadedModel) -> dict[str, str]:
+        method_cfg = cfg["method"]
         versions = tracking.package_versions()
-        cfg["recover"] = OmegaConf.to_container(self.cfg.recover, resolve=True) if recover.enabled else {"name": "none"}
         stages = getattr(method, "stage_names", [method_cfg.get("name")])
         stages = stages + ([f"recover={recover.name}"] if recover.enabled else [])
         tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
@@ -174,13 +180,10 @@ class Runner:
                  recover: Recovery | None = None) -> CellResult:
         """One MLflow run; `recover` (the main cell's recovery stage) never applies to the baseline."""
         recover = recover or Recovery()
-        tags = self._tags(method, method_cfg, recover, model)
+        params = self._cell_config(method_cfg, recover)
+        tags = self._tags(method, params, recover, model)
         tags.update({"bench.method_family": type(method).family, "bench.method_paper": type(method).paper,
                      "bench.method_summary": _first_line(sys.modules[type(method).__module__].__doc__)})
-        params = OmegaConf.to_container(self.cfg, resolve=True)
-        params["method"] = method_cfg
-        if not recover.enabled:
-            params["recover"] = {"name": "none"}
         timings: dict[str, float] = {}
         with tracking.Run(f"{method_cfg['name']}|{self.task.name}|{self.model_spec.name}", params, tags) as run:
             method.check_applicable(model)
