@@ -45,10 +45,16 @@ class DepthPruning(Method):
         packed.per_layer.append({"removed_blocks": sorted(removed), **scores})
         return packed
 
+    structure_keys: ClassVar[tuple[str, ...]] = ("removed_blocks",)  # metadata that rebuilds the structure
+
+    def rebuild_structure(self, adapter, metadata: dict[str, str]) -> None:
+        """Give a fresh base model the compressed model's structure before its tensors are loaded."""
+        adapter.remove_blocks(json.loads(metadata["removed_blocks"]))
+
     def restore(self, model, tensors, metadata):
-        model.adapter.remove_blocks(json.loads(metadata["removed_blocks"]))
+        self.rebuild_structure(model.adapter, metadata)
         packed = super().restore(model, tensors, metadata)
-        packed.extra_metadata["removed_blocks"] = metadata["removed_blocks"]
+        packed.extra_metadata.update({k: metadata[k] for k in self.structure_keys})
         return packed
 
 

@@ -22,9 +22,11 @@ def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
 
 
 def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
-            loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str) -> dict:
+            loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str,
+            after_step: Callable[[], None] | None = None) -> dict:
     """AdamW (no weight decay) with linear warm-up then cosine decay to 0; `loss_fn(teacher_out, student_out)`
-    returns the loss and named parts for the progress bar. Returns the training record."""
+    returns the loss and named parts for the progress bar; `after_step` (e.g. a projection onto constraints)
+    runs after each update. Returns the training record."""
     steps = budget.steps()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -58,6 +60,8 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
         loss.backward()
         opt.step()
         sched.step()
+        if after_step is not None:
+            after_step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
     student.eval()

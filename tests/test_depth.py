@@ -10,6 +10,7 @@ from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
 from bench.errors import BenchError
+from bench.methods.foldgpt import FoldGPT
 from bench.methods.shortgpt import ShortGPT
 from bench.methods.sleb import SLEB
 from conftest import loaded_tiny, logits, random_calib
@@ -47,3 +48,38 @@ def test_depth_pruning_rejects_impossible_counts():
         ShortGPT(n_blocks=2).compress(models.clone(lm), random_calib(), Budget(name="t"))
     with pytest.raises(BenchError):
         SLEB(ratio=0.95)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_foldgpt_removes_the_smallest_gates_shares_weights_and_reloads(arch, tmp_path):
+    lm = loaded_tiny(arch, layers=6)
+    work = models.clone(lm)
+    method = FoldGPT(n_blocks=1, n_shared=2)
+    packed = method.compress(work, random_calib(), Budget(name="t", train_steps=12, batch_size=2))
+    gates = packed.per_layer[0]["gates"]
+    removed = json.loads(packed.extra_metadata["removed_blocks"])
+    parents = {int(c): p for c, p in json.loads(packed.extra_metadata["shared_blocks"]).items()}
+    assert all(0.0 <= g <= 1.0 for g in gates) and len(set(gates)) > 1  # the gates trained, within bounds
+    assert removed == [min(range(6), key=lambda b: gates[b])]
+    assert len(work.adapter.blocks()) == 5 and len(parents) == 2 and 0 not in parents
+    blocks = work.adapter.blocks()
+    for child, parent in parents.items():
+        assert parent < child and parent not in parents
+        for role, linear in work.adapter.block_linears(blocks[child]).items():
+            assert linear.weight is work.adapter.block_linears(blocks[parent])[role].weight
+    assert packed.info["train_loss_last"] < packed.info["train_loss_first"]  # norm recovery lowers its loss
+    full = sum(2 * (r.module.weight.numel() + (r.module.bias.numel() if r.module.bias is not None else 0))
+               for r in lm.adapter.linears())
+    assert packed.storage(lm).linear_bytes * 6 == full * 3  # 6 blocks -> 5 run, 3 stored
+    store = ArtifactStore(tmp_path / arch)
+    store.save("k", packed.tensors(lm), packed.metadata())
+    restored = method.restore(models.clone(lm), *store.load("k"))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(restored.model(ids).logits, logits(work, ids))
+    assert work.module.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 16)
+
+
+def test_foldgpt_rejects_sharing_every_block():
+    with pytest.raises(BenchError, match="at least one block must keep its own weights"):
+        FoldGPT(n_blocks=2, n_shared=4).compress(models.clone(loaded_tiny("llama", layers=6)), random_calib(),
+                                                 Budget(name="t", train_steps=1))
