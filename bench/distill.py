@@ -23,10 +23,12 @@ def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tor
 
 def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str,
-            after_step: Callable[[], None] | None = None) -> dict:
+            after_step: Callable[[], None] | None = None, attentions: bool = False,
+            student_labels: bool = False) -> dict:
     """AdamW (no weight decay) with linear warm-up then cosine decay to 0; `loss_fn(teacher_out, student_out)`
     returns the loss and named parts for the progress bar; `after_step` (e.g. a projection onto constraints)
-    runs after each update. Returns the training record."""
+    runs after each update. `attentions`: both outputs carry the attention maps (the caller makes attention
+    eager); `student_labels`: the student's output carries its LM loss on the window. Returns the record."""
     steps = budget.steps()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -49,9 +51,10 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
         if (step * budget.batch_size) // len(order) != ((step + 1) * budget.batch_size - 1) // len(order):
             order = torch.randperm(windows.shape[0], generator=g)
         ids = windows[idx]
+        kwargs = {"output_hidden_states": True, "use_cache": False, "output_attentions": attentions}
         with torch.no_grad():
-            t_out = teacher(ids, output_hidden_states=True, use_cache=False)
-        s_out = student(ids, output_hidden_states=True, use_cache=False)
+            t_out = teacher(ids, **kwargs)
+        s_out = student(ids, labels=ids if student_labels else None, **kwargs)
         loss, parts = loss_fn(t_out, s_out)
         if not torch.isfinite(loss):
             raise NumericalFailure(f"{desc} loss became {loss.item()} at step {step}",
