@@ -3,7 +3,7 @@
 Launching is Hydra's job (joblib locally, submitit for SLURM, Ray): bench never schedules cells itself.
 What bench adds inside each Hydra job:
 
-- isolation: the cell runs in a spawned child process, so a crash, an out-of-memory kill or a timeout
+- isolation: the cell runs in its own child process (forked from a server that imported the runner once), so a crash, an out-of-memory kill or a timeout
   (`cell_timeout_min`) of one cell is recorded as FAILED and the sweep goes on, whatever the launcher;
 - resume: a cell whose config hash already has a FINISHED run in MLflow is skipped; a RUNNING run left by
   a killed sweep is closed as KILLED before its cell is re-run, so nothing is duplicated;
@@ -58,8 +58,19 @@ def cell_hash(cfg) -> str:
     return tracking.config_hash(cell_identity(cfg))
 
 
-def _child(container: dict, result_path: str) -> None:
+def _cell_context():
+    """Cells fork from a server process that imported the runner once (torch, transformers and MLflow cost
+    seconds of CPU to import per cell under 'spawn'); 'spawn' where there is no forkserver."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["bench.runner"])
+    return ctx
+
+
+def _child(container: dict, result_path: str, sid: str) -> None:
     """Runs one cell in a fresh process and writes its outcome as JSON."""
+    os.environ[SWEEP_ENV] = sid  # a forkserver started by an earlier sweep carries that sweep's environment
     cfg = OmegaConf.create(container)
     if cfg.get("cell_memory_gb"):
         limit = int(cfg.cell_memory_gb * 2**30)
@@ -112,8 +123,7 @@ def run_cell(cfg: DictConfig, overrides: list[str]) -> dict:
         result_path = out_dir / f".{h}.result.json"
         result_path.unlink(missing_ok=True)
         container = OmegaConf.to_container(cfg, resolve=True)
-        ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=_child, args=(container, str(result_path)), name=f"bench-cell-{h}")
+        proc = _cell_context().Process(target=_child, args=(container, str(result_path), sid), name=f"bench-cell-{h}")
         proc.start()
         timeout = cfg.get("cell_timeout_min")
         proc.join(timeout * 60 if timeout else None)
