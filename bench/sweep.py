@@ -3,8 +3,9 @@
 Launching is Hydra's job (joblib locally, submitit for SLURM, Ray): bench never schedules cells itself.
 What bench adds inside each Hydra job:
 
-- isolation: the cell runs in its own child process (forked from a server that imported the runner once), so a crash, an out-of-memory kill or a timeout
-  (`cell_timeout_min`) of one cell is recorded as FAILED and the sweep goes on, whatever the launcher;
+- isolation: the cell runs in its own child process (forked from a server that imported the runner once),
+  so a crash, an out-of-memory kill or a timeout (`cell_timeout_min`) of one cell is recorded as FAILED and
+  the sweep goes on, whatever the launcher;
 - resume: a cell whose config hash already has a FINISHED run in MLflow is skipped; a RUNNING run left by
   a killed sweep is closed as KILLED before its cell is re-run, so nothing is duplicated;
 - a status file per cell under `results/sweeps/<sweep id>/`, from which the sweep's final table is printed
