@@ -4,7 +4,7 @@ Mei, Chen; arXiv 2407.00928, 2024). No public reference code: written from the p
 1. Gated block removal. Every decoder block's residual update gets a learnable gate,
        y = x + g_b (block_b(x) - x),  g_b in [0, 1], initialised at 1,
    trained jointly (all weights frozen) by distillation from the uncompressed model, KL(teacher || student)
-   on logits, plus `polar_weight` x the polarization regulariser (Zhuang et al., NeurIPS 2020) that drives
+   on logits (per token), plus `polar_weight` x the polarization regulariser (Zhuang et al., NeurIPS 2020) that drives
    the gates apart, towards 0 and towards their mean's far side:
        R(g) = sum_b f_b (t |g_b| - |g_b - mean(g)|),  t = `polar_t`,
    with f_b each block's share of the FLOPs (the paper's FLOPs constraint; equal for a uniform stack).
@@ -16,7 +16,9 @@ Mei, Chen; arXiv 2407.00928, 2024). No public reference code: written from the p
 3. Recovery. The norms (every block's and the final one) are re-adapted by distillation with the paper's
    tail-layer term: KL on logits + `tail_scale` x MSE of the last hidden state. Steps from `budget=`; the
    learning rates `gate_lr` and `norm_lr` are this implementation's choices (the paper's are not stated for
-   a model this size).
+   a model this size). Measured on the default model (24 steps of 128 tokens): with `polar_weight` 0.01
+   every gate stayed within 0.984-0.999 (no polarization); with 1.0 the gates split into a cluster near
+   0.87 and the blocks the KD term defends (0-2, 10, 19, 20, 28, 29) near 1.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 
 from bench.depth import DepthPruning
 from bench.distill import distill, kd_logits
-from bench.errors import ConfigError, check_range
+from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.models import round_to_storage
 
 
@@ -65,7 +67,7 @@ class FoldGPT(DepthPruning):
     name: str = "foldgpt"
     share_ratio: float = 0.1  # fraction of all blocks that become weight-sharing children, unless n_shared is set
     n_shared: int | None = None
-    polar_weight: float = 0.01
+    polar_weight: float = 1.0
     polar_t: float = 1.0
     gate_lr: float = 1e-2
     norm_lr: float = 1e-3
@@ -105,8 +107,8 @@ class FoldGPT(DepthPruning):
             p.requires_grad_(False)
         handles = _gated(adapter, gates)
 
-        def loss_fn(t_out, s_out):
-            kd = kd_logits(s_out.logits, t_out.logits)
+        def loss_fn(t_out, s_out):  # KD per token, so the regulariser's weight does not depend on the window length
+            kd = kd_logits(s_out.logits, t_out.logits) / s_out.logits.shape[1]
             polar = (flops_share * (self.polar_t * gates.abs() - (gates - gates.mean()).abs())).sum()
             return kd + self.polar_weight * polar, {"kd": kd.item(), "polar": polar.item()}
 
@@ -150,6 +152,9 @@ class FoldGPT(DepthPruning):
         n_share = self.n_share(n_layers, n_remove)
         teacher = copy.deepcopy(model.module)
         gates, gate_history = self._train_gates(teacher, model, calib, budget)
+        if max(gates) - min(gates) < 1e-6:  # a tie would remove the first blocks by index: refuse instead
+            raise NumericalFailure("foldgpt's gates did not separate (all equal)",
+                                   "raise method.polar_weight or the budget's steps")
         ranked = sorted(range(n_layers), key=lambda b: gates[b])
         removed = sorted(ranked[:n_remove])
         alive = [b for b in range(n_layers) if b not in removed]
