@@ -9,10 +9,9 @@ Usage: .venv/bin/python benchmarks/depth_latency.py [--tokens 512] [--rounds 15]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import interleaved_medians
 
 from bench import models
 
@@ -34,21 +33,15 @@ def main() -> None:
             m.adapter.remove_blocks(list(range(n_blocks - 1 - k, n_blocks - 1)))
         variants[k] = m.module
     ids = torch.randint(0, 1000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-    times = {k: [] for k in variants}
     with torch.no_grad():
-        for k, mod in variants.items():  # warm-up
-            mod(ids, use_cache=False)
-        for _ in range(args.rounds):
-            for k, mod in variants.items():
-                t0 = time.perf_counter()
-                mod(ids, use_cache=False)
-                times[k].append(time.perf_counter() - t0)
-    ref = statistics.median(times[args.remove[0]])
+        med = interleaved_medians({k: lambda mod=mod: mod(ids, use_cache=False) for k, mod in variants.items()},
+                                  args.rounds)
+    ref = med[args.remove[0]]
     print(f"threads {args.threads}, prefill of {args.tokens} tokens, {args.rounds} interleaved rounds")
     print("blocks removed | blocks | median prefill s | latency ratio | block ratio")
     for k in variants:
-        med = statistics.median(times[k])
-        print(f"{k:14d} | {n_blocks - k:6d} | {med:16.4f} | {med / ref:13.3f} | {(n_blocks - k) / n_blocks:11.3f}")
+        ratio = (n_blocks - k) / n_blocks
+        print(f"{k:14d} | {n_blocks - k:6d} | {med[k]:16.4f} | {med[k] / ref:13.3f} | {ratio:11.3f}")
 
 
 if __name__ == "__main__":

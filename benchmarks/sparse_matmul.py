@@ -16,10 +16,9 @@ Usage: .venv/bin/python benchmarks/sparse_matmul.py [--tokens 512] [--rounds 15]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import interleaved_medians
 
 from bench import models
 from bench.sparsity import Pattern, keep_top
@@ -53,13 +52,7 @@ def main() -> None:
             runs = {"dense": lambda: x @ wp.T, "csr": lambda: torch.sparse.mm(csr, x.T),
                     "coo": lambda: torch.sparse.mm(coo, x.T)}
             assert torch.allclose(runs["csr"]().T, runs["dense"](), atol=1e-3)
-            times = {k: [] for k in runs}
-            for _ in range(args.rounds):
-                for k, f in runs.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = interleaved_medians(runs, args.rounds)
             print(f"{out_f:5d} x {in_f:<9d} | {pattern:12s} | {med['dense']:.6f} | {med['csr']:.6f} | "
                   f"{med['coo']:.6f} | {med['dense'] / med['csr']:12.3f} | {med['dense'] / med['coo']:12.3f}")
 
@@ -71,19 +64,11 @@ def main() -> None:
             w.mul_(keep_top(w.abs(), Pattern.parse("2:4", 0.5)))
     ids = torch.randint(0, 1000, (1, args.tokens), generator=g)
     variants = {"dense": base.module, "2:4 dense-zeros": pruned.module}
-    times = {k: [] for k in variants}
     with torch.no_grad():
-        for mod in variants.values():
-            mod(ids, use_cache=False)
-        for _ in range(args.rounds):
-            for k, mod in variants.items():
-                t0 = time.perf_counter()
-                mod(ids, use_cache=False)
-                times[k].append(time.perf_counter() - t0)
-    ref = statistics.median(times["dense"])
+        med = interleaved_medians({k: lambda mod=mod: mod(ids, use_cache=False) for k, mod in variants.items()},
+                                  args.rounds)
     for k in variants:
-        med = statistics.median(times[k])
-        print(f"end-to-end prefill {k:16s}: {med:.4f} s, speed-up {ref / med:.3f}x")
+        print(f"end-to-end prefill {k:16s}: {med[k]:.4f} s, speed-up {med['dense'] / med[k]:.3f}x")
 
 
 if __name__ == "__main__":
