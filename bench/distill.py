@@ -15,10 +15,12 @@ from tqdm.auto import tqdm
 from bench.errors import NumericalFailure
 
 
-def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over the vocabulary, reduction "batchmean" (the references' KD term)."""
-    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.softmax(teacher_logits.float(), -1),
-                    reduction="batchmean")
+def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the vocabulary, reduction "batchmean" (the references' KD term); at a
+    temperature T both distributions are softened and the loss scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.softmax(teacher_logits.float() / t, -1),
+                    reduction="batchmean") * (t * t)
 
 
 def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,

@@ -34,23 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill
+from bench.distill import distill, kd_logits
 from bench.errors import check_range
 from bench.models import adapter_for, round_to_storage
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized
-from bench.quant.integer import load_int_layer, restore_bias, round_ste, stored_int_layer
+from bench.quant.integer import fp16_ste, load_int_layer, restore_bias, round_ste, stored_int_layer
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
     """x in the forward pass, g x's gradient in the backward (LSQ's step-size gradient scale)."""
     return (x - x * g).detach() + x * g
-
-
-def _fp16(x: torch.Tensor) -> torch.Tensor:
-    """x as stored (fp16), gradients passing through the rounding."""
-    return x + (x.half().float() - x).detach()
 
 
 def act_levels(bits: int, signed: bool) -> tuple[int, int]:
@@ -61,7 +56,7 @@ def fake_quant_static(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, b
                       grad_scale: float = 1.0) -> torch.Tensor:
     """LSQ+ fake quantization with a learned step and zero point (straight-through rounding)."""
     qn, qp = act_levels(bits, signed)
-    s = _fp16(_grad_scale(step, grad_scale).clamp(min=1e-8))
+    s = fp16_ste(_grad_scale(step, grad_scale).clamp(min=1e-8))
     z = round_ste(_grad_scale(zero, grad_scale))
     return (round_ste(torch.clamp(x / s + z, qn, qp)) - z) * s
 
@@ -88,7 +83,7 @@ class EdgeQATLinear(nn.Module):
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fake-quantized weight and its signed integer codes."""
         qn, qp = -(2 ** (self.w_bits - 1)), 2 ** (self.w_bits - 1) - 1
-        s = _fp16(_grad_scale(self.w_step, 1 / (self.weight.numel() * qp) ** 0.5).clamp(min=1e-8))
+        s = fp16_ste(_grad_scale(self.w_step, 1 / (self.weight.numel() * qp) ** 0.5).clamp(min=1e-8))
         q = round_ste(torch.clamp(self.weight / s, qn, qp))
         return q * s, q.detach()
 
@@ -155,11 +150,9 @@ class EdgeQAT(Method):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         spreads: list[torch.Tensor] = []
         hooks = self._entropy_hooks(adapter, head_dim, spreads)
-        t = self.temperature
 
         def loss_fn(t_out, s_out):
-            kd = F.kl_div(F.log_softmax(s_out.logits.float() / t, -1), F.softmax(t_out.logits.float() / t, -1),
-                          reduction="batchmean") * t * t
+            kd = kd_logits(s_out.logits, t_out.logits, self.temperature)
             cos = sum(F.cosine_similarity(a.flatten(2), b.flatten(2), dim=-1, eps=1e-6).sum()
                       for a, b in zip(s_out.attentions, t_out.attentions))
             distribution = -torch.log(cos)
@@ -184,7 +177,7 @@ class EdgeQAT(Method):
             p.requires_grad_(False)
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
-            round_to_storage(student, torch.float16)  # what runs is what the artifact stores
+            round_to_storage(student, getattr(torch, model.spec.storage_dtype))  # what runs is what is stored
             for ref in list(adapter.linears()):
                 m = mods[ref.name]
                 deq, q = m.quantized_weight()
@@ -192,7 +185,7 @@ class EdgeQAT(Method):
                 linear.weight.data.copy_(deq)
                 if m.bias is not None:
                     linear.bias.data.copy_(m.bias)
-                packed.per_layer.append(layer_stats(ref, model.adapter.model.get_submodule(ref.name).weight, deq))
+                packed.per_layer.append(layer_stats(ref, model.module.get_submodule(ref.name).weight, deq))
                 adapter.replace_linear(ref, linear)
                 codes = (q + 2 ** (self.bits - 1)).to(torch.uint8)
                 stored = stored_int_layer(codes, m.w_step.detach().half().reshape(1, 1), None, self.bits, m.bias)

@@ -167,13 +167,10 @@ class FoldGPT(DepthPruning):
                 last_parent = new
         adapter.remove_blocks(removed)
         share_blocks(adapter, parents)
-        norm_history = self._recover_norms(teacher, model, calib, budget) if budget.steps() else {}
+        norm_history = self._recover_norms(teacher, model, calib, budget)
         packed = self.record(model, removed, {"gates": gates, "shared_blocks": parents})
         packed.extra_metadata["shared_blocks"] = json.dumps(parents)
         packed.info.update({"blocks_shared": len(parents), "gate_train_loss_first": gate_history["train_loss_first"],
                             "gate_train_loss_last": gate_history["train_loss_last"]})
-        if norm_history:
-            packed.info.update({"train_loss_first": norm_history["train_loss_first"],
-                                "train_loss_last": norm_history["train_loss_last"],
-                                "train_losses": norm_history["train_losses"]})
+        packed.info.update({k: norm_history[k] for k in ("train_loss_first", "train_loss_last", "train_losses")})
         return packed

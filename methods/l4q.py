@@ -28,7 +28,7 @@ from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import int_format, load_int_layer, restore_bias, round_ste, stored_int_layer
+from bench.quant.integer import fp16_ste, int_format, load_int_layer, restore_bias, round_ste, stored_int_layer
 
 
 class L4QLinear(nn.Module):
@@ -61,7 +61,7 @@ class L4QLinear(nn.Module):
     def stored_step(self) -> torch.Tensor:
         """The step as stored (fp16), kept positive; gradients pass through the rounding."""
         s = self.step.clamp(min=1e-6)
-        return s + (s.half().float() - s).detach()
+        return fp16_ste(s)
 
     def stored_zero(self) -> torch.Tensor:
         return torch.clamp(self.offset.detach().round(), 0, 2**self.bits - 1).to(torch.uint8)

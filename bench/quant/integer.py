@@ -85,6 +85,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16, as it will be stored, with a straight-through gradient (learned steps and scales)."""
+    return x + (x.half().float() - x).detach()
+
+
 def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     z = float(2 ** (bits - 1)) if zero is None else zero
     return (codes - z) * scale.to(torch.float32)
