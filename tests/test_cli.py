@@ -12,7 +12,7 @@ def test_unknown_method_lists_choices_in_one_line(results_dir):
     assert len(lines) == 1, r.stderr
     assert "unknown method 'binarymoss'" in lines[0]
     assert "did you mean 'binarymos'?" in lines[0]
-    assert "choices: abq, awq, baq, billm, binarymos, bitmod, edgeqat, foldgpt, fp_rtn, gptq, l4q, llm_fp4, magnitude, none, onebit, pbllm, pipeline, rtn, shortgpt, sign, sleb, smoothquant, sparsegpt, ternary, wanda, xnor" in lines[0]
+    assert "choices: abq, awq, baq, billm, binarymos, bitmod, dbllm, edgeqat, foldgpt, fp_rtn, gptq, l4q, llm_fp4, magnitude, none, onebit, pbllm, pipeline, rtn, shortgpt, sign, sleb, smoothquant, sparsegpt, ternary, wanda, xnor" in lines[0]
     assert not (results_dir / "mlflow.db").exists()  # nothing half-written
 
 
