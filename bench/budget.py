@@ -1,7 +1,8 @@
 """`budget=`: how much calibration data and training compute a method may use.
 
 The same budget is applied to every method of a comparison. `budget=default` finishes on a 2-core CPU;
-`budget=paper` is the papers' recipe for a GPU.
+`budget=paper` is the papers' recipe for a GPU: BinaryMoS's reference recipe, replaced field by field by
+a method's own where `configs/budget_recipe/paper_<method>.yaml` records it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ class Budget:
     batch_size: int = 1
     lr: float = 1e-4
     warmup_ratio: float = 0.03
+    weight_decay: float = 0.0  # AdamW's, for training-based methods
     description: str = ""
 
     def __post_init__(self):
         for key in ("calib_samples", "calib_seqlen", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"budget.{key}={getattr(self, key)} must be positive", f"set budget.{key}>0")
-        if self.train_steps < 0 or self.epochs < 0 or self.lr <= 0:
-            raise ConfigError("budget.train_steps/epochs must be >= 0 and budget.lr > 0",
+        if self.train_steps < 0 or self.epochs < 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("budget.train_steps/epochs/weight_decay must be >= 0 and budget.lr > 0",
                               "fix the budget values")
 
     def steps(self) -> int:

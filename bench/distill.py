@@ -27,13 +27,13 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str,
             after_step: Callable[[], None] | None = None, attentions: bool = False,
             student_labels: bool = False) -> dict:
-    """AdamW (no weight decay) with linear warm-up then cosine decay to 0; `loss_fn(teacher_out, student_out)`
-    returns the loss and named parts for the progress bar; `after_step` (e.g. a projection onto constraints)
+    """AdamW (weight decay from `budget=`, default 0) with linear warm-up then cosine decay to 0;
+    `loss_fn(teacher_out, student_out)` returns the loss and named parts for the progress bar; `after_step` (e.g. a projection onto constraints)
     runs after each update. `attentions`: both outputs carry the attention maps (the caller makes attention
     eager); `student_labels`: the student's output carries its LM loss on the window. Returns the record."""
     steps = budget.steps()
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=budget.weight_decay)
     warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
 
     def lr_at(step):  # HF "cosine" schedule

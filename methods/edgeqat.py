@@ -17,11 +17,11 @@ temperature T = 2 + the distribution term + the entropy term:
   Gaussian entropy proxy that keeps the query/key spread from collapsing under quantization), on the q/k
   projections' outputs (the reference takes them after RoPE, which rotates each head without changing its
   norm).
-Every parameter trains (as the reference's trainer; no weight decay here), AdamW with steps/lr from
-`budget=`. Deviations: the q.k^T and attention.v matmuls are not quantized (no method in the suite quantizes
-them); the token-adaptive 4/8-bit activation variant is not included (the reference never trains it with
-these losses). Artifact: packed codes + one fp16 step per weight tensor; each activation quantizer's fp16
-step, zero point and sign flag.
+Every parameter trains (as the reference's trainer), AdamW with steps, lr and weight decay from `budget=`
+(`budget=paper` is the reference's recipe). Deviations: the q.k^T and attention.v matmuls are not
+quantized (no method in the suite quantizes them); the token-adaptive 4/8-bit activation variant is not
+included (the reference never trains it with these losses). Artifact: packed codes + one fp16 step per
+weight tensor; each activation quantizer's fp16 step, zero point and sign flag.
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ def test_every_shipped_plugin_config_builds():
                 cfg = compose(config_name="config", overrides=[f"{group}={path.stem}", *extra])
                 obj = instantiate(cfg[group], _convert_="all")
                 assert obj.name == path.stem or group == "model", path
+        for path in sorted((root / "budget_recipe").glob("*.yaml")):  # paper_<method>: that method's recipe
+            budget, method = path.stem.split("_", 1)
+            cfg = compose(config_name="config", overrides=[f"budget={budget}", f"method={method}"])
+            recipe = instantiate(cfg.budget, _convert_="all")
+            generic = instantiate(compose(config_name="config", overrides=[f"budget={budget}", "method=rtn"]).budget)
+            assert recipe.name == generic.name == budget and recipe != generic, path
 
 
 def test_every_shipped_sweep_composes_and_names_existing_plugins():
