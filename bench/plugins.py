@@ -77,11 +77,14 @@ class Method:
 
 @dataclass
 class Workload:
-    """What a backend times: a prefill of `prompt_ids` and `decode_tokens` greedy decoding steps."""
+    """What a backend times. `kind="causal_lm"`: a prefill of `prompt_ids` and `decode_tokens` greedy
+    decoding steps; `kind="image"`: one forward pass of `inputs`, named `label` in the metrics."""
 
     kind: str
-    prompt_ids: torch.Tensor
+    prompt_ids: torch.Tensor | None = None
     decode_tokens: int = 32
+    inputs: torch.Tensor | None = None
+    label: str = ""
 
 
 @dataclass

@@ -250,7 +250,7 @@ class Runner:
         set_determinism(self.cfg.seed, self.cfg.threads)
         tracking.setup(self.results)
         t0 = time.perf_counter()
-        model = models.load(self.model_spec)
+        model = models.load(self.model_spec, self.data_root)
         load_s = time.perf_counter() - t0
         method_cfg = OmegaConf.to_container(self.cfg.method, resolve=True)
         base = None

