@@ -5,6 +5,11 @@ split is not available offline; the test split is never used for calibration). O
 hub's WikiText-2 train split or C4. Sampling follows GPTQ: `n_samples` windows of `seqlen` tokens at
 uniformly random offsets from a seeded RNG. The set's identity (name, split, n, seqlen, seed, token hash)
 goes into every record and into the compressed-model cache key.
+
+Image models calibrate on `source: image_patches`: `n_samples` low-resolution patches, each a seeded random
+(patch x scale)-pixel crop of an image under `images` (relative to the data root) downscaled by `scale`
+with Pillow's bicubic filter, as (n, 3, patch, patch) floats on the 0-255 scale. The offline set is the
+ImageNet sample, which no SR test set overlaps.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bench import data
@@ -22,17 +28,22 @@ from bench.errors import BenchError, ConfigError
 @dataclass
 class CalibSpec:
     name: str
-    source: str = "wikitext2"  # "wikitext2" (local file or hub) | "hub" (any datasets id)
+    source: str = "wikitext2"  # "wikitext2" (local file or hub) | "hub" (any datasets id) | "image_patches"
     split: str = "validation"
     hub_path: str | None = None
     hub_name: str | None = None
     text_field: str = "text"
+    images: str | None = None  # image folder under the data root (image_patches)
+    patch: int = 64  # LR patch side (image_patches)
+    scale: int = 4  # HR crop = patch x scale, downscaled by it (image_patches)
     seed: int = 0
     description: str = ""
 
     def __post_init__(self):
-        if self.source not in ("wikitext2", "hub"):
-            raise ConfigError(f"calib.source='{self.source}' is unknown", "use 'wikitext2' or 'hub'")
+        if self.source not in ("wikitext2", "hub", "image_patches"):
+            raise ConfigError(f"calib.source='{self.source}' is unknown", "use 'wikitext2', 'hub' or 'image_patches'")
+        if self.source == "image_patches" and not self.images:
+            raise ConfigError(f"calib '{self.name}' has source=image_patches but no images folder", "set calib.images")
         if self.source == "wikitext2" and self.split == "test":
             raise ConfigError("calib.split=test would calibrate on the evaluation text",
                               "use split=validation (offline) or split=train (online)")
@@ -43,11 +54,14 @@ class CalibSpec:
 @dataclass
 class CalibSet:
     spec: CalibSpec
-    windows: torch.Tensor  # (n_samples, seqlen) token ids
+    windows: torch.Tensor  # (n_samples, seqlen) token ids, or (n_samples, 3, patch, patch) LR images
     sha256: str
 
     @property
     def describe(self) -> str:
+        if self.spec.source == "image_patches":
+            n, _, h, w = self.windows.shape
+            return f"{self.spec.name}[{self.spec.images}] {n}x{h}x{w} x1/{self.spec.scale} seed={self.spec.seed}"
         n, s = self.windows.shape
         return f"{self.spec.name}[{self.spec.split}] {n}x{s} seed={self.spec.seed}"
 
@@ -56,6 +70,11 @@ def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str
     if n_samples <= 0 or seqlen <= 0:
         raise ConfigError(f"calibration needs n_samples>0 and seqlen>0 (got {n_samples}, {seqlen})",
                           "set budget.calib_samples and budget.calib_seqlen to positive values")
+    if spec.source == "image_patches":
+        return _image_patches(spec, n_samples, data_root)
+    if tokenizer is None:
+        raise ConfigError(f"calib={spec.name} is text and this model has no tokenizer",
+                          "image models calibrate on images: calib=imagenet_sample_lr")
     if spec.source == "wikitext2":
         rows = data.wikitext2_rows(spec.split, data_root)
         text = "\n\n".join(rows)
@@ -71,3 +90,28 @@ def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str
     windows = torch.stack([ids[s:s + seqlen] for s in starts])
     sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     return CalibSet(spec, windows, sha)
+
+
+def _image_patches(spec: CalibSpec, n_samples: int, data_root: str | None) -> CalibSet:
+    from PIL import Image
+
+    root = data.data_root(data_root)
+    folder = root / spec.images if root else None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if (
+        folder and folder.is_dir()) else []
+    if not files:
+        raise data.missing(spec.images, data_root)
+    rng = random.Random(spec.seed)
+    hr = spec.patch * spec.scale
+    patches = []
+    while len(patches) < n_samples:
+        with Image.open(rng.choice(files)) as im:
+            im = im.convert("RGB")
+            if im.width < hr or im.height < hr:
+                continue
+            x, y = rng.randint(0, im.width - hr), rng.randint(0, im.height - hr)
+            lr = im.crop((x, y, x + hr, y + hr)).resize((spec.patch, spec.patch), Image.BICUBIC)
+            patches.append(torch.from_numpy(np.asarray(lr, dtype=np.uint8).copy()).permute(2, 0, 1))
+    images = torch.stack(patches).to(torch.float32)
+    sha = hashlib.sha256(images.to(torch.uint8).numpy().tobytes()).hexdigest()
+    return CalibSet(spec, images, sha)

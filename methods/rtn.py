@@ -1,4 +1,5 @@
 """`rtn`: round-to-nearest integer weight quantization (per output row, per group of input columns).
+Convolutions are quantized as their (out, in x kh x kw) matrix, so `group_size=-1` is per output channel.
 
 The classic baseline of every PTQ paper (e.g. GPTQ's Table 3 "RTN"). Weights are stored as packed
 `bits`-bit codes with an fp16 scale per group and, if asymmetric, a `bits`-bit zero point per group;
@@ -17,7 +18,7 @@ from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant.activation import ActivationQuantized
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import int_format, load_int_layer, restore_bias, stored_int_layer
+from bench.quant.integer import int_format, load_int_layer, restore_bias, stored_int_layer, weight_matrix
 
 
 @dataclass
@@ -28,6 +29,7 @@ class RTN(ActivationQuantized, Method):
     symmetric: bool = False
     family: ClassVar[str] = "quantization"
     paper: ClassVar[str] = "Round-to-nearest baseline (as reported in Frantar et al., GPTQ, ICLR 2023)"
+    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr")
 
     def __post_init__(self):
         check_range("method.bits", self.bits, 2, 8)
@@ -40,7 +42,7 @@ class RTN(ActivationQuantized, Method):
     def compress(self, model, calib, budget) -> Packed:
         packed = Packed(model.module, self.name, self.execution)
         for ref in model.adapter.linears():
-            w = ref.module.weight.data
+            w = weight_matrix(ref.module)
             q = quantize_rtn(w, self.bits, self.group_size, self.symmetric, layer=ref.name)
             stored = stored_int_layer(q.codes, q.scale, q.zero, self.bits, ref.module.bias)
             wq = q.dequantize()
@@ -52,9 +54,10 @@ class RTN(ActivationQuantized, Method):
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:
-        out_f, in_f = ref.module.weight.shape
+        w = weight_matrix(ref.module)
+        out_f, in_f = w.shape
         g = resolve_group_size(self.group_size, in_f, ref.name)
         codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
         q = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
-        ref.module.weight.data.copy_(q.dequantize())
+        w.copy_(q.dequantize())
         restore_bias(ref.module, stored)

@@ -48,7 +48,7 @@ def test_mac_counter_on_layers_of_known_cost():
 
 @pytest.fixture(scope="module")
 def rlfn():
-    spec = models.ModelSpec(name="rlfn", source="sr_checkpoint", arch="rlfn", storage_dtype="float32")
+    spec = models.ModelSpec(name="rlfn", source="sr_checkpoint", arch="rlfn", storage_dtype="float16")
     return models.load(spec)
 
 
@@ -86,3 +86,32 @@ def test_cpu_backend_times_an_image_workload(rlfn):
     m = backend.measure(Packed(rlfn.module, "none", "dense"), work)
     assert m.metrics["latency.sr_x4_lr32.p50_s"] > 0
     assert m.tags["energy_source"] in ("rapl", "model:horowitz_isscc2014_45nm")
+
+
+def test_static_ptq_stores_int_grids_and_static_activation_ranges(rlfn, tmp_path):
+    from bench.budget import Budget
+    from bench.cache import ArtifactStore
+    from bench.calib import CalibSet, CalibSpec
+    from bench.methods.static_ptq import StaticPTQ
+
+    calib = CalibSet(CalibSpec(name="rand", source="image_patches", images="x"),
+                     torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 255, "x")
+    method = StaticPTQ(w_bits=4, a_bits=4)
+    work = models.clone(rlfn)
+    packed = method.compress(work, calib, Budget(name="t"))
+    refs = list(work.adapter.linears())
+    assert set(packed.layers) == {r.name for r in refs[1:-1]}  # first and last layer kept
+    seen = []
+    for ref in refs[1:-1]:
+        w = ref.module.weight.data.reshape(ref.module.weight.shape[0], -1)
+        assert all(row.unique().numel() <= 16 for row in w)
+        ref.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].unique().numel()))
+    x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        y = work.module(x)
+    assert seen and max(seen) <= 16  # every quantized layer sees at most 2^4 input levels
+    store = ArtifactStore(tmp_path)
+    store.save("k", packed.tensors(rlfn), packed.metadata())
+    restored = method.restore(models.clone(rlfn), *store.load("k"))
+    with torch.no_grad():
+        assert torch.equal(restored.model(x), y)

@@ -2,9 +2,10 @@
 are configs, not code.
 
 Dynamic and symmetric, as SmoothQuant's fake-quant reference does it: the scale is the absmax of each
-token's input vector (`per_token`) or of the whole input tensor (`per_tensor`), computed on the fly. Values
-go to signed integers (`bits`) or to a low-bit float format (`fmt`, e.g. fp4_e2m1, fp8_e4m3). Applied as a
-forward pre-hook on each block linear: the stored weights are untouched, execution is fake-quant.
+token's input vector (`per_token`; for a conv, each pixel's channel vector) or of the whole input tensor
+(`per_tensor`), computed on the fly. Values go to signed integers (`bits`) or to a low-bit float format
+(`fmt`, e.g. fp4_e2m1, fp8_e4m3). Applied as a forward pre-hook on each block linear: the stored weights
+are untouched, execution is fake-quant.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class ActQuantSpec:
 
 def fake_quant_activations(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
     xf = x.to(torch.float32)
-    amax = xf.abs().amax(dim=-1, keepdim=True) if spec.granularity == "per_token" else xf.abs().amax()
+    token_dim = 1 if x.dim() == 4 else -1  # a conv input (N, C, H, W): a pixel's channel vector is its token
+    amax = xf.abs().amax(dim=token_dim, keepdim=True) if spec.granularity == "per_token" else xf.abs().amax()
     if spec.fmt is not None:
         fmt = float_format(spec.fmt)
         scale = (amax / fmt.max_value).clamp(min=1e-8)

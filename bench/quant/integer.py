@@ -36,6 +36,13 @@ class IntQuantized:
         return (self.codes.to(torch.float32) - z) * s
 
 
+def weight_matrix(module) -> torch.Tensor:
+    """A layer's weight as the (out, in) matrix quantizers work on: a view, so writing it writes the layer
+    (a conv's (out, in, kh, kw) weight becomes (out, in x kh x kw))."""
+    w = module.weight.data
+    return w if w.dim() == 2 else w.view(w.shape[0], -1)
+
+
 def resolve_group_size(group_size: int, in_features: int, layer: str = "") -> int:
     if group_size in (-1, 0, None):
         return in_features

@@ -1,0 +1,154 @@
+"""`static_ptq`: calibration-based post-training quantization of conv and linear layers with static
+activation ranges: the integer-deployment recipe (TensorRT / PyTorch static PTQ) that SR quantization papers
+(e.g. PTQ4SR, 2DQuant) start from, so W8A8, W4A8 and W4A4 are configs of one method.
+
+- Weights: signed `w_bits` integers, symmetric, one scale per output channel (a conv's out x in x kh x kw
+  weight as an out x (in kh kw) matrix); the scale's clipping ratio is searched per channel (MSE).
+- Activations (`a_bits`, null = fp32): the input of every quantized layer gets one static asymmetric range
+  per tensor, calibrated on `calib=` (LR image patches for SR models): [lo, hi] = r x [min, max] with r from
+  a grid, minimising the squared error of the quantized calibration activations (an MSE observer on a
+  seeded subsample of each batch plus its exact min and max), on the model with its weights quantized.
+- `keep_first_last`: the first and the last layer stay in full precision (the usual SR-quantization
+  setting); the record says which layers did.
+Stored: packed codes + fp16 per-channel scales + fp16 bias, and per layer the activation scale (fp16) and
+zero point (uint8). Execution: fake-quant (fp32 convs on dequantized values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from bench.errors import check_range
+from bench.packed import Packed, layer_stats
+from bench.plugins import Method
+from bench.quant import IntQuantized
+from bench.quant.integer import load_int_layer, restore_bias, stored_int_layer, weight_matrix
+
+CLIP_GRID = torch.linspace(1.0, 0.3, 15)  # clipping ratios tried for weights and activations
+CALIB_BATCH = 16
+SAMPLES_PER_BATCH = 8192  # activation values kept per layer per calibration batch for the range search
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> IntQuantized:
+    """Per-output-channel symmetric codes with the clip ratio minimising each row's squared error."""
+    qmax = 2 ** (bits - 1) - 1
+    amax = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+    best_err, best_scale = None, None
+    for r in CLIP_GRID:
+        scale = (r * amax / qmax).to(torch.float16).to(torch.float32).clamp(min=1e-8)
+        deq = torch.clamp(torch.round(w / scale), -qmax - 1, qmax) * scale
+        err = (deq - w).pow(2).sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale = err, scale
+        else:
+            better = err < best_err
+            best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    codes = torch.clamp(torch.round(w / best_scale), -qmax - 1, qmax) + qmax + 1
+    return IntQuantized(codes.to(torch.uint8), best_scale.to(torch.float16), None, bits, w.shape[1], True)
+
+
+def act_range(samples: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 scale and uint8 zero point of the static asymmetric range minimising the samples' squared error."""
+    maxq = 2**bits - 1
+    lo0, hi0 = samples.min().clamp(max=0), samples.max().clamp(min=0)
+    best = None
+    for r in CLIP_GRID:
+        scale = ((hi0 - lo0) * r / maxq).clamp(min=1e-8).to(torch.float16)
+        zero = torch.clamp(torch.round(-lo0 * r / scale.float()), 0, maxq)
+        err = (fake_quant_static(samples, scale, zero, bits) - samples).pow(2).sum()
+        if best is None or err < best[0]:
+            best = (err, scale, zero.to(torch.uint8))
+    return best[1], best[2]
+
+
+def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    s, z = scale.float(), zero.float()
+    return (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s
+
+
+@dataclass
+class StaticPTQ(Method):
+    name: str = "static_ptq"
+    w_bits: int = 8
+    a_bits: int | None = 8
+    keep_first_last: bool = True
+    family: ClassVar[str] = "quantization"
+    paper: ClassVar[str] = "Static post-training quantization (per-channel weights, calibrated per-tensor activations)"
+    applies_to: ClassVar[tuple[str, ...]] = ("image_sr",)
+    needs_calibration: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_range("method.w_bits", self.w_bits, 2, 8)
+        if self.a_bits is not None:
+            check_range("method.a_bits", self.a_bits, 2, 8)
+
+    def fmt(self) -> str:
+        a = f"a{self.a_bits}-per_tensor-static" if self.a_bits else "a32"
+        return f"int{self.w_bits}-sym-ch+{a}"
+
+    def _targets(self, model) -> list:
+        refs = list(model.adapter.linears())
+        return refs[1:-1] if self.keep_first_last else refs
+
+    @torch.no_grad()
+    def compress(self, model, calib, budget) -> Packed:
+        packed = Packed(model.module, self.name, self.execution)
+        refs = self._targets(model)
+        for ref in refs:
+            w = weight_matrix(ref.module)
+            q = quantize_weight(w.float(), self.w_bits)
+            wq = q.dequantize()
+            packed.per_layer.append(layer_stats(ref, w, wq))
+            w.copy_(wq)
+            packed.layers[ref.name] = stored_int_layer(q.codes, q.scale, None, self.w_bits, ref.module.bias)
+            packed.layer_format[ref.name] = self.fmt()
+        if self.a_bits:
+            for ref, (scale, zero) in zip(refs, self._calibrate(model, refs, calib)):
+                packed.layers[ref.name].update({"act_scale": scale.reshape(1), "act_zero": zero.reshape(1)})
+        kept = sorted({r.name for r in model.adapter.linears()} - {r.name for r in refs})
+        packed.info["layers_kept_full_precision"] = len(kept)
+        packed.extra_metadata["kept_full_precision"] = ",".join(kept)
+        return self.runtime_hooks(model, packed)
+
+    def _calibrate(self, model, refs, calib) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(calib.spec.seed)
+        samples: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
+
+        def keep(name):
+            def hook(_m, args):
+                x = args[0].detach().flatten()
+                idx = torch.randint(0, x.numel(), (min(SAMPLES_PER_BATCH, x.numel()),), generator=g)
+                samples[name].append(x[idx].float())
+                samples[name].append(torch.stack([x.min(), x.max()]).float())  # the range's true ends
+            return hook
+
+        handles = [r.module.register_forward_pre_hook(keep(r.name)) for r in refs]
+        try:
+            images = calib.windows * (model.info["input_range"] / 255.0)
+            for start in range(0, images.shape[0], CALIB_BATCH):
+                model.module(images[start:start + CALIB_BATCH])
+        finally:
+            for h in handles:
+                h.remove()
+        return [act_range(torch.cat(samples[r.name]), self.a_bits) for r in refs]
+
+    def runtime_hooks(self, model, packed):
+        if not self.a_bits:
+            return packed
+        for ref in model.adapter.linears():
+            stored = packed.layers.get(ref.name, {})
+            if "act_scale" in stored:
+                scale, zero = stored["act_scale"][0], stored["act_zero"][0]
+                ref.module.register_forward_pre_hook(
+                    lambda _m, args, s=scale, z=zero: (fake_quant_static(args[0], s, z, self.a_bits), *args[1:]))
+        return packed
+
+    @torch.no_grad()
+    def restore_layer(self, model, ref, stored) -> None:
+        w = weight_matrix(ref.module)
+        codes, _ = load_int_layer(stored, self.w_bits, tuple(w.shape))
+        w.copy_(IntQuantized(codes, stored["scale"], None, self.w_bits, w.shape[1], True).dequantize())
+        restore_bias(ref.module, stored)
