@@ -10,8 +10,8 @@ activation ranges: the integer-deployment recipe (TensorRT / PyTorch static PTQ)
   seeded subsample of each batch plus its exact min and max), on the model with its weights quantized.
 - `keep_first_last`: the first and the last layer stay in full precision (the usual SR-quantization
   setting); the record says which layers did.
-Stored: packed codes + fp16 per-channel scales + fp16 bias, and per layer the activation scale (fp16) and
-zero point (uint8). Execution: fake-quant (fp32 convs on dequantized values).
+Stored: packed codes + fp16 per-channel scales + fp16 bias, and per layer its bit-widths, the activation
+scale (fp16) and zero point (uint8). Execution: fake-quant (fp32 convs on dequantized values).
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def act_range(samples: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return best[1], best[2]
 
 
+def layer_format(w_bits: int, a_bits: int | None) -> str:
+    return f"int{w_bits}-sym-ch+" + (f"a{a_bits}-per_tensor-static" if a_bits else "a32")
+
+
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     s, z = scale.float(), zero.float()
     return (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s
@@ -85,35 +89,44 @@ class StaticPTQ(Method):
         if self.a_bits is not None:
             check_range("method.a_bits", self.a_bits, 2, 8)
 
-    def fmt(self) -> str:
-        a = f"a{self.a_bits}-per_tensor-static" if self.a_bits else "a32"
-        return f"int{self.w_bits}-sym-ch+{a}"
-
     def _targets(self, model) -> list:
         refs = list(model.adapter.linears())
         return refs[1:-1] if self.keep_first_last else refs
 
-    @torch.no_grad()
+    def layer_bits(self, model, refs, calib) -> dict[str, tuple[int, int | None]]:
+        """(weight bits, activation bits or None) of each quantized layer: uniform here."""
+        return {r.name: (self.w_bits, self.a_bits) for r in refs}
+
     def compress(self, model, calib, budget) -> Packed:
         packed = Packed(model.module, self.name, self.execution)
         refs = self._targets(model)
-        for ref in refs:
-            w = weight_matrix(ref.module)
-            q = quantize_weight(w.float(), self.w_bits)
-            wq = q.dequantize()
-            packed.per_layer.append(layer_stats(ref, w, wq))
-            w.copy_(wq)
-            packed.layers[ref.name] = stored_int_layer(q.codes, q.scale, None, self.w_bits, ref.module.bias)
-            packed.layer_format[ref.name] = self.fmt()
-        if self.a_bits:
-            for ref, (scale, zero) in zip(refs, self._calibrate(model, refs, calib)):
-                packed.layers[ref.name].update({"act_scale": scale.reshape(1), "act_zero": zero.reshape(1)})
+        bits = self.layer_bits(model, refs, calib)
+        with torch.no_grad():
+            for ref in refs:
+                wb, ab = bits[ref.name]
+                w = weight_matrix(ref.module)
+                q = quantize_weight(w.float(), wb)
+                wq = q.dequantize()
+                packed.per_layer.append({**layer_stats(ref, w, wq), "w_bits": wb, "a_bits": ab})
+                w.copy_(wq)
+                packed.layers[ref.name] = {**stored_int_layer(q.codes, q.scale, None, wb, ref.module.bias),
+                                           "w_bits": torch.tensor([wb], dtype=torch.uint8)}
+                packed.layer_format[ref.name] = layer_format(wb, ab)
+            quantized_inputs = [r for r in refs if bits[r.name][1]]
+            ranges = self._calibrate(model, quantized_inputs, calib, [bits[r.name][1] for r in quantized_inputs]
+                                     ) if quantized_inputs else []
+            for ref, (scale, zero) in zip(quantized_inputs, ranges):
+                packed.layers[ref.name].update({"act_scale": scale.reshape(1), "act_zero": zero.reshape(1),
+                                                "a_bits": torch.tensor([bits[ref.name][1]], dtype=torch.uint8)})
+        n = {r.name: r.module.weight.numel() for r in refs}
+        packed.info["avg_weight_bits_quantized_layers"] = sum(bits[k][0] * v for k, v in n.items()) / sum(n.values())
         kept = sorted({r.name for r in model.adapter.linears()} - {r.name for r in refs})
         packed.info["layers_kept_full_precision"] = len(kept)
         packed.extra_metadata["kept_full_precision"] = ",".join(kept)
         return self.runtime_hooks(model, packed)
 
-    def _calibrate(self, model, refs, calib) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @torch.no_grad()
+    def _calibrate(self, model, refs, calib, a_bits: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(calib.spec.seed)
         samples: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
 
@@ -133,22 +146,21 @@ class StaticPTQ(Method):
         finally:
             for h in handles:
                 h.remove()
-        return [act_range(torch.cat(samples[r.name]), self.a_bits) for r in refs]
+        return [act_range(torch.cat(samples[r.name]), b) for r, b in zip(refs, a_bits)]
 
     def runtime_hooks(self, model, packed):
-        if not self.a_bits:
-            return packed
         for ref in model.adapter.linears():
             stored = packed.layers.get(ref.name, {})
             if "act_scale" in stored:
-                scale, zero = stored["act_scale"][0], stored["act_zero"][0]
+                s, z, b = stored["act_scale"][0], stored["act_zero"][0], int(stored["a_bits"][0])
                 ref.module.register_forward_pre_hook(
-                    lambda _m, args, s=scale, z=zero: (fake_quant_static(args[0], s, z, self.a_bits), *args[1:]))
+                    lambda _m, args, s=s, z=z, b=b: (fake_quant_static(args[0], s, z, b), *args[1:]))
         return packed
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:
         w = weight_matrix(ref.module)
-        codes, _ = load_int_layer(stored, self.w_bits, tuple(w.shape))
-        w.copy_(IntQuantized(codes, stored["scale"], None, self.w_bits, w.shape[1], True).dequantize())
+        bits = int(stored["w_bits"][0])
+        codes, _ = load_int_layer(stored, bits, tuple(w.shape))
+        w.copy_(IntQuantized(codes, stored["scale"], None, bits, w.shape[1], True).dequantize())
         restore_bias(ref.module, stored)

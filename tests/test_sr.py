@@ -115,3 +115,29 @@ def test_static_ptq_stores_int_grids_and_static_activation_ranges(rlfn, tmp_path
     restored = method.restore(models.clone(rlfn), *store.load("k"))
     with torch.no_grad():
         assert torch.equal(restored.model(x), y)
+
+
+def test_hawq_v3_ilp_meets_the_size_limit_and_prefers_sensitive_layers():
+    import numpy as np
+
+    from bench.methods.hawq_v3 import solve_bits
+
+    sizes = np.array([100.0, 100.0, 100.0, 100.0])
+    sens = {4: np.array([9.0, 1.0, 5.0, 0.5]), 8: np.zeros(4)}  # gain of 8 bits = the 4-bit sensitivity
+    assert list(solve_bits(sens, sizes, 0.5)) == [8, 4, 8, 4]  # 6 bits on average: the two most sensitive
+    assert list(solve_bits(sens, sizes, 0.0)) == [4, 4, 4, 4]
+    assert list(solve_bits(sens, sizes, 1.0)) == [8, 8, 8, 8]
+
+
+def test_hutchinson_trace_matches_the_gauss_newton_diagonal():
+    from bench.methods.hawq_v3 import hutchinson_traces
+    from bench.models.vision import ConvAdapter
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False))
+    x = torch.randn(64, 3)
+    ref = next(ConvAdapter(net, "image_sr").linears())
+    est = hutchinson_traces(net, [ref], x, iters=200, seed=0)[ref.name]
+    # loss = ||W x - W0 x||^2 / N: Hessian wrt W = 2 (I_out kron X^T X / N); its trace / #weights:
+    exact = float(2 * 2 * (x.T @ x / 64).trace() / 6)
+    assert est == pytest.approx(exact, rel=0.02)
