@@ -1,7 +1,9 @@
 """`sign`: naive binarization, W ~ alpha_r * sign(W) with alpha_r = mean |W_r| per output row.
 
 The XNOR-Net/BNN-style baseline that binarization papers start from. sign(0) is taken as +1. Stored as
-1 packed bit per weight plus one fp16 scale per output row; execution is fake-quant.
+1 packed bit per weight plus one fp16 scale per output row; execution is fake-quant. A conv is binarized as
+its (out, in x kh x kw) matrix (one scale per output channel); on image models the first and the last layer
+stay in full precision (`keep_first_last`, the BiBench protocol), and the record says which.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
+from bench.quant.integer import weight_matrix
 
 
 def sign_bits(w: torch.Tensor) -> torch.Tensor:
@@ -28,14 +31,23 @@ def signs_from_bits(bits: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SignBinarization(Method):
     name: str = "sign"
+    keep_first_last: bool = True  # image models only: first and last layer full precision
     family: ClassVar[str] = "binarization"
     paper: ClassVar[str] = "Rastegari et al., XNOR-Net (ECCV 2016): sign with per-row mean-|W| scale"
+    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr")
+
+    def targets(self, model) -> list:
+        refs = list(model.adapter.linears())
+        if model.kind != "causal_lm" and self.keep_first_last:
+            return refs[1:-1]
+        return refs
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
         packed = Packed(model.module, self.name, self.execution)
-        for ref in model.adapter.linears():
-            w = ref.module.weight.data
+        refs = self.targets(model)
+        for ref in refs:
+            w = weight_matrix(ref.module)
             scale = w.abs().mean(dim=1, keepdim=True).to(torch.float16)
             b = sign_bits(w)
             wq = signs_from_bits(b) * scale.float()
@@ -46,12 +58,17 @@ class SignBinarization(Method):
             w.copy_(wq)
             packed.layers[ref.name] = stored
             packed.layer_format[ref.name] = "sign-1bit-rowscale-fp16"
+        kept = [r.name for r in model.adapter.linears() if r.name not in packed.layers]
+        if model.kind != "causal_lm":
+            packed.info["layers_kept_full_precision"] = len(kept)
+            packed.extra_metadata["kept_full_precision"] = ",".join(kept)
         return self.runtime_hooks(model, packed)
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:
-        out_f, in_f = ref.module.weight.shape
+        w = weight_matrix(ref.module)
+        out_f, in_f = w.shape
         b = unpack_bits(stored["qweight"], 1, out_f * in_f, (out_f, in_f))
-        ref.module.weight.data.copy_(signs_from_bits(b) * stored["scale"].float())
+        w.copy_(signs_from_bits(b) * stored["scale"].float())
         if "bias" in stored:
             ref.module.bias.data.copy_(stored["bias"].float())

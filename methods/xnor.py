@@ -1,8 +1,9 @@
 """`xnor`: XNOR-Net (Rastegari, Ordonez, Redmon, Farhadi; ECCV 2016) on the block linears: binary weights
 AND binary inputs. Weights as the suite's `sign` (sign x per-row mean |W|); each linear's input vector is
-replaced by beta_t * sign(x_t) with beta_t = mean |x_t| per token (XNOR-Net's K scaling), so the matmul
-is an XNOR-popcount times two scales. The activation binarization is a run-time hook (dynamic, nothing
-stored) and is re-attached after restore. Execution: fake-quant.
+replaced by beta_t * sign(x_t) with beta_t = mean |x_t| per token (XNOR-Net's K scaling; for a conv, per
+pixel over its channels, without K's spatial averaging), so the matmul is an XNOR-popcount times two
+scales. The activation binarization is a run-time hook (dynamic, nothing stored) and is re-attached after
+restore. Execution: fake-quant.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from bench.methods.sign import SignBinarization
 
 
 def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
-    beta = x.abs().mean(dim=-1, keepdim=True)
+    token_dim = 1 if x.dim() == 4 else -1  # a conv input (N, C, H, W): each pixel's channel vector
+    beta = x.abs().mean(dim=token_dim, keepdim=True)
     return torch.where(x >= 0, beta, -beta)
 
 
@@ -26,7 +28,7 @@ class XNOR(SignBinarization):
     paper: ClassVar[str] = "Rastegari et al., XNOR-Net (ECCV 2016): binary weights and binary inputs"
 
     def runtime_hooks(self, model, packed):
-        for ref in model.adapter.linears():
+        for ref in self.targets(model):
             ref.module.register_forward_pre_hook(lambda _m, args: (binarize_tokens(args[0]), *args[1:]))
         suffix = "+a1-per_token-meanabs"
         packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}

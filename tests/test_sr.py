@@ -141,3 +141,23 @@ def test_hutchinson_trace_matches_the_gauss_newton_diagonal():
     # loss = ||W x - W0 x||^2 / N: Hessian wrt W = 2 (I_out kron X^T X / N); its trace / #weights:
     exact = float(2 * 2 * (x.T @ x / 64).trace() / 6)
     assert est == pytest.approx(exact, rel=0.02)
+
+
+def test_xnor_binarizes_inner_convs_and_keeps_first_and_last(rlfn):
+    from bench.budget import Budget
+    from bench.methods.xnor import XNOR
+
+    work = models.clone(rlfn)
+    packed = XNOR().compress(work, None, Budget(name="t"))
+    refs = list(work.adapter.linears())
+    assert set(packed.layers) == {r.name for r in refs[1:-1]} and packed.info["layers_kept_full_precision"] == 2
+    for ref in refs[1:-1]:
+        w = ref.module.weight.data.reshape(ref.module.weight.shape[0], -1)
+        assert all(row.abs().unique().numel() == 1 for row in w)  # +-alpha per output channel
+    assert torch.equal(refs[0].module.weight, rlfn.adapter.linears().__next__().module.weight)
+    seen = []
+    refs[1].module.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        work.module(torch.rand(1, 3, 16, 16) * 255)
+    x = seen[0]  # each pixel's channel vector is +-beta
+    assert torch.allclose(x.abs(), x.abs().amax(dim=1, keepdim=True).expand_as(x))
