@@ -64,10 +64,6 @@ def act_range(samples: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return best[1], best[2]
 
 
-def layer_format(w_bits: int, a_bits: int | None) -> str:
-    return f"int{w_bits}-sym-ch+" + (f"a{a_bits}-per_tensor-static" if a_bits else "a32")
-
-
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     s, z = scale.float(), zero.float()
     return (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s
@@ -97,6 +93,27 @@ class StaticPTQ(Method):
         """(weight bits, activation bits or None) of each quantized layer: uniform here."""
         return {r.name: (self.w_bits, self.a_bits) for r in refs}
 
+    # --- the grid: integers here; a subclass (minifloat) swaps these four -----------------------------
+    def quantize_layer(self, w: torch.Tensor, bits: int, bias) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(dequantized weight, stored tensors) of one layer's (out, in) weight."""
+        q = quantize_weight(w.float(), bits)
+        return q.dequantize(), {**stored_int_layer(q.codes, q.scale, None, bits, bias),
+                                "w_bits": torch.tensor([bits], dtype=torch.uint8)}
+
+    def restore_weight(self, shape: tuple[int, int], stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        bits = int(stored["w_bits"][0])
+        codes, _ = load_int_layer(stored, bits, shape)
+        return IntQuantized(codes, stored["scale"], None, bits, shape[1], True).dequantize()
+
+    def fit_activation(self, samples: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+        scale, zero = act_range(samples, bits)
+        return {"act_scale": scale.reshape(1), "act_zero": zero.reshape(1),
+                "a_bits": torch.tensor([bits], dtype=torch.uint8)}
+
+    def activation_quantizer(self, stored: dict[str, torch.Tensor]):
+        s, z, b = stored["act_scale"][0], stored["act_zero"][0], int(stored["a_bits"][0])
+        return lambda x: fake_quant_static(x, s, z, b)
+
     def compress(self, model, calib, budget) -> Packed:
         packed = Packed(model.module, self.name, self.execution)
         refs = self._targets(model)
@@ -105,28 +122,33 @@ class StaticPTQ(Method):
             for ref in refs:
                 wb, ab = bits[ref.name]
                 w = weight_matrix(ref.module)
-                q = quantize_weight(w.float(), wb)
-                wq = q.dequantize()
+                wq, stored = self.quantize_layer(w, wb, ref.module.bias)
                 packed.per_layer.append({**layer_stats(ref, w, wq), "w_bits": wb, "a_bits": ab})
                 w.copy_(wq)
-                packed.layers[ref.name] = {**stored_int_layer(q.codes, q.scale, None, wb, ref.module.bias),
-                                           "w_bits": torch.tensor([wb], dtype=torch.uint8)}
-                packed.layer_format[ref.name] = layer_format(wb, ab)
+                packed.layers[ref.name] = stored
+                packed.layer_format[ref.name] = self.layer_format(wb, ab)
             quantized_inputs = [r for r in refs if bits[r.name][1]]
-            ranges = self._calibrate(model, quantized_inputs, calib, [bits[r.name][1] for r in quantized_inputs]
-                                     ) if quantized_inputs else []
-            for ref, (scale, zero) in zip(quantized_inputs, ranges):
-                packed.layers[ref.name].update({"act_scale": scale.reshape(1), "act_zero": zero.reshape(1),
-                                                "a_bits": torch.tensor([bits[ref.name][1]], dtype=torch.uint8)})
+            samples = self._activation_samples(model, quantized_inputs, calib) if quantized_inputs else {}
+            for ref in quantized_inputs:
+                packed.layers[ref.name].update(self.fit_activation(samples[ref.name], bits[ref.name][1]))
         n = {r.name: r.module.weight.numel() for r in refs}
-        packed.info["avg_weight_bits_quantized_layers"] = sum(bits[k][0] * v for k, v in n.items()) / sum(n.values())
+        packed.info["avg_weight_bits_quantized_layers"] = sum(
+            self.bit_width(bits[k][0]) * v for k, v in n.items()) / sum(n.values())
         kept = sorted({r.name for r in model.adapter.linears()} - {r.name for r in refs})
         packed.info["layers_kept_full_precision"] = len(kept)
         packed.extra_metadata["kept_full_precision"] = ",".join(kept)
         return self.runtime_hooks(model, packed)
 
+    def layer_format(self, w_bits: int, a_bits: int | None) -> str:
+        return f"int{w_bits}-sym-ch+" + (f"a{a_bits}-per_tensor-static" if a_bits else "a32")
+
+    def bit_width(self, w_spec) -> int:
+        return w_spec
+
     @torch.no_grad()
-    def _calibrate(self, model, refs, calib, a_bits: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _activation_samples(self, model, refs, calib) -> dict[str, torch.Tensor]:
+        """Per layer: a seeded subsample of its input values over the calibration images, plus each batch's
+        exact min and max."""
         g = torch.Generator().manual_seed(calib.spec.seed)
         samples: dict[str, list[torch.Tensor]] = {r.name: [] for r in refs}
 
@@ -146,21 +168,18 @@ class StaticPTQ(Method):
         finally:
             for h in handles:
                 h.remove()
-        return [act_range(torch.cat(samples[r.name]), b) for r, b in zip(refs, a_bits)]
+        return {name: torch.cat(values) for name, values in samples.items()}
 
     def runtime_hooks(self, model, packed):
         for ref in model.adapter.linears():
             stored = packed.layers.get(ref.name, {})
             if "act_scale" in stored:
-                s, z, b = stored["act_scale"][0], stored["act_zero"][0], int(stored["a_bits"][0])
-                ref.module.register_forward_pre_hook(
-                    lambda _m, args, s=s, z=z, b=b: (fake_quant_static(args[0], s, z, b), *args[1:]))
+                quant = self.activation_quantizer(stored)
+                ref.module.register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
         return packed
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:
         w = weight_matrix(ref.module)
-        bits = int(stored["w_bits"][0])
-        codes, _ = load_int_layer(stored, bits, tuple(w.shape))
-        w.copy_(IntQuantized(codes, stored["scale"], None, bits, w.shape[1], True).dequantize())
+        w.copy_(self.restore_weight(tuple(w.shape), stored))
         restore_bias(ref.module, stored)

@@ -161,3 +161,32 @@ def test_xnor_binarizes_inner_convs_and_keeps_first_and_last(rlfn):
         work.module(torch.rand(1, 3, 16, 16) * 255)
     x = seen[0]  # each pixel's channel vector is +-beta
     assert torch.allclose(x.abs(), x.abs().amax(dim=1, keepdim=True).expand_as(x))
+
+
+def test_minifloat_formats_and_grid(rlfn, tmp_path):
+    from bench.budget import Budget
+    from bench.cache import ArtifactStore
+    from bench.calib import CalibSet, CalibSpec
+    from bench.errors import ConfigError
+    from bench.methods.minifloat import Minifloat, minifloat
+
+    e2m1 = minifloat("e2m1")
+    assert e2m1.bits == 4 and e2m1.magnitudes.tolist() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert minifloat("e4m3").max_value == 480.0  # no inf/NaN (OCP E4M3FN stops at 448)
+    with pytest.raises(ConfigError, match="eXmY"):
+        minifloat("e5m3")
+    calib = CalibSet(CalibSpec(name="rand", source="image_patches", images="x"),
+                     torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 255, "x")
+    method = Minifloat(w_format="e2m1", a_format="e3m2")
+    work = models.clone(rlfn)
+    packed = method.compress(work, calib, Budget(name="t"))
+    ref = list(work.adapter.linears())[1]
+    w = ref.module.weight.data.reshape(ref.module.weight.shape[0], -1)
+    scale = packed.layers[ref.name]["scale"].float()
+    assert set((w / scale).abs().unique().tolist()) <= set(e2m1.magnitudes.tolist())
+    x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(1)) * 255
+    store = ArtifactStore(tmp_path)
+    store.save("k", packed.tensors(rlfn), packed.metadata())
+    restored = method.restore(models.clone(rlfn), *store.load("k"))
+    with torch.no_grad():
+        assert torch.equal(restored.model(x), work.module(x))
