@@ -17,12 +17,42 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench import registry, sweep
+from bench import registry, resources
 from bench.errors import BenchError, did_you_mean, unknown_choice
 
 # Third-party plug-in packages (entry-point group `bench.plugins`) join Hydra's config search path.
 OmegaConf.register_new_resolver(
     "bench_plugin_searchpath", lambda: [f"pkg://{p}" for p in registry.plugin_config_packages()], replace=True)
+
+
+# Hydra flags whose value is the next word (`--cfg job`, `-cn config`): that word is not an override.
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
+                "--config-dir", "-cd", "--experimental-rerun")
+_NO_RUN_FLAGS = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion",
+                 "-sc")
+
+
+def check_syntax(argv: list[str]) -> None:
+    """Parse every override with Hydra's own grammar first: a malformed one (sweep values included) gives one
+    line instead of Hydra's multi-line report."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    after_flag = False
+    for arg in argv:
+        if after_flag and "=" not in arg:
+            after_flag = False
+            continue
+        after_flag = arg in _VALUE_FLAGS
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException as e:
+            lines = [x for x in str(e).splitlines() if x and not x.startswith(("Error parsing override", "See "))]
+            raise BenchError(f"invalid override '{arg}': {lines[0] if lines else 'syntax error'}",
+                             "write key=value, a sweep as key=a,b (see --help)") from None
 
 
 def check_choices(argv: list[str]) -> None:
@@ -74,6 +104,17 @@ def check_overrides(argv: list[str]) -> None:
             raise BenchError(f"invalid override: {str(e).splitlines()[0]}", "use key=value (see --help)") from None
 
 
+def incomplete(result) -> list[str]:
+    """What a finished run could not do, one line each: task parts without data, a backend that cannot run
+    the packed model (its accuracy is recorded, its latency and energy are not)."""
+    lines = [f"{task}: {err}" for task, err in json.loads(result.tags.get("bench.task_failures") or "{}").items()]
+    if result.tags.get("bench.hardware_status") == "unsupported":
+        lines.append(f"hardware '{result.tags.get('bench.hardware')}' cannot run this model "
+                     f"({result.tags.get('bench.hardware_unsupported')}); accuracy is recorded, latency and energy "
+                     "are not: choose another hardware=")
+    return lines
+
+
 def _fail(err: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
@@ -85,6 +126,8 @@ def _fail(err: BaseException) -> None:
 def _hydra_main(cfg: DictConfig):
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
+        from bench import sweep
+
         return sweep.run_cell(cfg, list(hc.overrides.task))
 
     from bench.runner import Runner
@@ -102,32 +145,48 @@ def _hydra_main(cfg: DictConfig):
               file=sys.stderr)
         raise SystemExit(1)
     print_summary(runner, base, result)
-    if result.tags.get("bench.task_failures"):
-        for task, err in json.loads(result.tags["bench.task_failures"]).items():
-            print(f"bench: error: {task}: {err}", file=sys.stderr)
+    lines = incomplete(result)
+    for line in lines:
+        print(f"bench: error: {line}", file=sys.stderr)
+    if lines:
         raise SystemExit(1)
     return result.metrics
 
 
 def main() -> None:
-    argv = sys.argv[1:]
+    try:
+        _main(sys.argv[1:])
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # Run.__exit__ has marked an open run KILLED; atomic writes leave no partial file behind
+        print("bench: error: interrupted (Ctrl-C); a run in progress is recorded as KILLED and no partial artifact "
+              "is kept", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def _main(argv: list[str]) -> None:
     if argv[:1] == ["leaderboard"]:  # `bench leaderboard [--out DIR]`: the site builder, not a run
         from bench.leaderboard.__main__ import main as leaderboard
 
         sys.exit(leaderboard(argv[1:]))
     try:
+        check_syntax(argv)
         check_choices(argv)
         check_overrides(argv)
+        if not any(a in _NO_RUN_FLAGS for a in argv):  # Hydra creates its output folder there before bench runs
+            resources.writable_dir(resources.results_dir_from(argv))
     except BenchError as e:
         _fail(e)
+    # imported after the checks above, so that a typo is reported before torch and MLflow load
+    from bench import sweep, tracking
+
     if not sweep.is_multirun(argv):
         _hydra_main()
         return
     # A sweep: one id for all cells, and the MLflow store created/migrated once before any worker starts.
-    from bench import tracking
-
     sid = os.environ.setdefault(sweep.SWEEP_ENV, sweep.new_sweep_id())
-    results = sweep.results_dir_from(argv)
+    results = resources.results_dir_from(argv)
     tracking.setup(results)
     _hydra_main()
     sweep.print_summary_and_exit(results, sid)

@@ -33,8 +33,17 @@ class DataMissing(BenchError):
     """A data file is missing and cannot be fetched."""
 
 
+class DataCorrupt(BenchError):
+    """A data or weights file exists but cannot be read as what it should be (bad encoding, truncated, refused
+    pickle)."""
+
+
 class ArtifactCorrupt(BenchError):
     """A stored artifact failed its integrity check."""
+
+
+class ResourceError(BenchError):
+    """The machine cannot provide what the run needs: memory, disk space, a writable directory, a free store."""
 
 
 class NumericalFailure(BenchError):

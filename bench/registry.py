@@ -13,7 +13,7 @@ import importlib.metadata
 from importlib import resources
 from pathlib import Path
 
-GROUPS = ("method", "task", "model", "hardware", "calib", "budget", "sweep")
+GROUPS = ("method", "recover", "task", "model", "hardware", "calib", "budget", "sweep")
 ENTRY_POINT_GROUP = "bench.plugins"
 
 

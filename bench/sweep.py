@@ -175,13 +175,6 @@ def is_multirun(argv: list[str]) -> bool:
     return any(a in ("-m", "--multirun") or a.startswith("sweep=") or a == "hydra.mode=MULTIRUN" for a in argv)
 
 
-def results_dir_from(argv: list[str]) -> str:
-    for a in argv:
-        if a.startswith("paths.results="):
-            return a.split("=", 1)[1]
-    return os.environ.get("BENCH_RESULTS", "results")
-
-
 def print_summary_and_exit(results: str, sid: str) -> None:
     text, failed = summary(results, sid)
     print("\n" + text, flush=True)

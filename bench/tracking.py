@@ -24,6 +24,9 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from bench.errors import ResourceError
+from bench.resources import writable_dir
+
 EXPERIMENT = "bench"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "lm_eval", "accelerate", "peft", "datasets",
             "hydra-core", "mlflow", "numpy", "bench")
@@ -31,14 +34,21 @@ _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def retry(fn, *args, attempts: int = 30, **kwargs):
-    """Call an MLflow function, retrying while a concurrent writer holds the sqlite lock."""
+    """Call an MLflow function, retrying while a concurrent writer holds the sqlite lock; a lock that outlasts
+    every attempt (each waits up to MLflow's 20 s busy timeout) is a one-line ResourceError."""
+    t0 = time.monotonic()
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # sqlalchemy OperationalError, wrapped or not, depending on the call
             text = str(e).lower()
-            if i == attempts - 1 or not ("locked" in text or "busy" in text):
+            if not ("locked" in text or "busy" in text):
                 raise
+            if i == attempts - 1:
+                raise ResourceError(f"the MLflow store {mlflow.get_tracking_uri()} stayed locked by another "
+                                    f"process for {time.monotonic() - t0:.0f} s ({attempts} attempts)",
+                                    "let the other writer finish, or point paths.results (or MLFLOW_TRACKING_URI)"
+                                    " at another store") from None
             time.sleep(min(0.05 * 2**i, 2.0))
 
 
@@ -46,9 +56,9 @@ def tracking_uri(results_dir: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    path = Path(results_dir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path = writable_dir(results_dir)
     return f"sqlite:///{path / 'mlflow.db'}"
+
 
 
 def setup(results_dir: str | Path) -> str:
