@@ -1,8 +1,9 @@
 """Where data lives: a configurable data root with the hub (`datasets`) as the online fallback.
 
 Resolution order for the data root: the `paths.data_root` config (also set by BENCH_DATA_ROOT), then
-`../shared/data` beside the current directory or beside the source checkout. Files are only read from
-there, never copied into the repo.
+`../shared/data` beside the current directory or beside the source checkout. A root the user names must
+exist: it is never silently replaced by the fallback. Files are only read from there, never copied into
+the repo.
 """
 
 from __future__ import annotations
@@ -10,17 +11,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.errors import DataMissing
+from bench.errors import DataCorrupt, DataMissing
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def data_root(configured: str | None = None) -> Path | None:
-    candidates = [configured, os.environ.get("BENCH_DATA_ROOT")]
-    candidates += [Path.cwd().parent / "shared" / "data", _SOURCE_ROOT.parent / "shared" / "data"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c).resolve()
+    for name, given in (("paths.data_root", configured), ("BENCH_DATA_ROOT", os.environ.get("BENCH_DATA_ROOT"))):
+        if given:
+            if not Path(given).is_dir():
+                raise DataMissing(f"data root '{given}' ({name}) is not a directory",
+                                  f"fix {name}, or unset it to use ../shared/data")
+            return Path(given).resolve()
+    for c in (Path.cwd().parent / "shared" / "data", _SOURCE_ROOT.parent / "shared" / "data"):
+        if c.is_dir():
+            return c.resolve()
     return None
 
 
@@ -52,11 +57,19 @@ def wikitext2_rows(split: str, configured_root: str | None = None, hub_path: str
     rel = f"wikitext-2-raw-v1/{fname}"
     path = local_file(rel, configured_root)
     if path is not None:
-        text = path.read_text(encoding="utf-8")
-        return [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
+        return [line + "\n" if line.strip() else "" for line in read_text(path).split("\n")[:-1]]
     if hub_offline():
         raise missing(rel, configured_root, hub=f"{hub_path}/{hub_name}")
     return hub_rows(hub_path, hub_name, split)
+
+
+def read_text(path: Path) -> str:
+    """A local text data file, or one line saying it is not UTF-8 text (truncated, binary, wrong file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataCorrupt(f"data file '{path}' is not UTF-8 text (byte {e.start})",
+                          "restore it from its source (see SOURCE.md beside it)") from None
 
 
 def hub_rows(path: str, name: str | None, split: str, field: str = "text") -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import data, lmeval
-from bench.errors import ConfigError, DataMissing, NumericalFailure
+from bench.errors import ConfigError, DataCorrupt, DataMissing, NumericalFailure
 from bench.metrics import Metric
 from bench.plugins import Task, Workload
 
@@ -40,7 +40,7 @@ LOCAL = {
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in data.read_text(path).splitlines() if line.strip()]
 
 
 def _mc(question_key: str, question: str, choices: list[str], gold: int, i: int) -> dict:
@@ -99,6 +99,16 @@ def convert(task: str, path: Path) -> list[dict]:
     raise ConfigError(f"no local converter for task '{task}'", f"choose from {', '.join(LOCAL)}")
 
 
+def load_local(task: str, path: Path) -> list[dict]:
+    """`convert`, with a damaged file (bad JSON, missing field, truncated bz2, label count) said in one line."""
+    try:
+        return convert(task, path)
+    except (ValueError, KeyError, IndexError, EOFError, OSError) as e:
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise DataCorrupt(f"data file '{path}' is not a readable {task} file ({type(e).__name__}: {detail})",
+                          "restore it from its source (see SOURCE.md beside it)") from None
+
+
 @dataclass
 class CommonsenseQA(Task):
     name: str = "commonsense_qa"
@@ -126,7 +136,7 @@ class CommonsenseQA(Task):
                 raise data.missing(f"qa/{rel}", data_root)
             return {"task": task}  # the stock hub dataset
         out = Path(os.environ.get("BENCH_RESULTS", "results")) / "data_cache" / f"{task}_{split}.jsonl"
-        lmeval.write_jsonl(convert(task, path), out)
+        lmeval.write_jsonl(load_local(task, path), out)
         return {"task": task, "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {split: str(out)}}, "training_split": None,
                 "validation_split": split if split == "validation" else None,
@@ -137,7 +147,7 @@ class CommonsenseQA(Task):
         for t in self.tasks:
             try:
                 configs.append(self.task_config(t, data_root))
-            except DataMissing as e:  # the other tasks still run; the failure is recorded
+            except (DataMissing, DataCorrupt) as e:  # the other tasks still run; the failure is recorded
                 self.failures[t] = str(e)
         if not configs:
             raise DataMissing(f"no data for any of {', '.join(self.tasks)}", next(iter(self.failures.values())))
@@ -159,7 +169,8 @@ class CommonsenseQA(Task):
                 metrics.append(Metric(f"{t}.{key}{suffix}", v, "higher", unit="fraction",
                                       stderr=float(se) if isinstance(se, (int, float)) else None,
                                       per_sample=[float(s[key]) for s in samples], per_sample_name=f"{key}_per_example",
-                                      notes={"n": len(samples), "data": LOCAL[t][2] if cfg.get("dataset_path") else "hub",
+                                      notes={"n": len(samples),
+                                             "data": LOCAL[t][2] if cfg.get("dataset_path") else "hub",
                                              "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]]
                                                                 for s in samples] if key == "acc" else None}))
                 if key == "acc":
@@ -175,7 +186,7 @@ class CommonsenseQA(Task):
         for t in self.tasks:
             path = data.local_file(f"qa/{LOCAL[t][0]}", data_root)
             if path is not None:
-                text = "\n".join(json.dumps(r) for r in convert(t, path)[:50])
+                text = "\n".join(json.dumps(r) for r in load_local(t, path)[:50])
                 ids = model.tokenizer(text, return_tensors="pt").input_ids
                 return Workload("causal_lm", ids[:, :self.prompt_tokens], self.decode_tokens)
         raise DataMissing("no local QA data to build a timing workload from", "set paths.data_root")

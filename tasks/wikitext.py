@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench import data
-from bench.errors import ConfigError, NumericalFailure
+from bench.errors import ConfigError, DataCorrupt, NumericalFailure
 from bench.metrics import Metric
 from bench.plugins import Task, Workload
 
@@ -53,6 +53,10 @@ class WikiText2Perplexity(Task):
     def evaluate(self, model, data_root=None) -> list[Metric]:
         ids = self.token_ids(model, data_root)
         n_windows = ids.shape[1] // self.seqlen
+        if n_windows == 0:  # a truncated file: no window to score, no perplexity to report
+            raise DataCorrupt(f"WikiText-2 {self.split} text has {ids.shape[1]} tokens, fewer than one window of "
+                              f"task.seqlen={self.seqlen}",
+                              "restore the data file (see SOURCE.md) or lower task.seqlen")
         if self.limit:
             n_windows = min(n_windows, self.limit)
         module = model.module

@@ -63,7 +63,7 @@ class WikiTextLmEval(Task):
                 raise data.missing("wikitext-2-raw-v1/wiki.test.raw", data_root,
                                    hub="EleutherAI/wikitext_document_level")
             return {"task": "wikitext"}  # stock: the hub's document-level dataset
-        docs = wikitext_documents(path.read_text(encoding="utf-8"))
+        docs = wikitext_documents(data.read_text(path))
         out = lmeval.write_jsonl([{"page": d} for d in docs], self._cache_dir() / "wikitext2_test_documents.jsonl")
         return {"task": "wikitext", "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {"test": str(out)}},

@@ -51,16 +51,6 @@ def test_hub_loading_path_on_local_files(tmp_path):
     assert loaded == rows
 
 
-def test_missing_file_offline_is_one_line(tmp_path, monkeypatch):
-    from bench.errors import DataMissing
-
-    monkeypatch.setattr(data, "_SOURCE_ROOT", tmp_path)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("BENCH_DATA_ROOT", raising=False)
-    with pytest.raises(DataMissing, match="wiki.test.raw' not found .*BENCH_DATA_ROOT"):
-        data.wikitext2_rows("test", str(tmp_path / "nowhere"))
-
-
 def test_lmeval_wikitext_equals_stock_lmeval(default_model, tmp_path, monkeypatch):
     """Our task's numbers equal lm-eval's own `wikitext` YAML run directly on the same documents."""
     monkeypatch.setenv("BENCH_RESULTS", str(tmp_path))
