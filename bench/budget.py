@@ -29,9 +29,11 @@ class Budget:
         for key in ("calib_samples", "calib_seqlen", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"budget.{key}={getattr(self, key)} must be positive", f"set budget.{key}>0")
-        if self.train_steps < 0 or self.epochs < 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError("budget.train_steps/epochs/weight_decay must be >= 0 and budget.lr > 0",
-                              "fix the budget values")
+        for key in ("train_steps", "epochs", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"budget.{key}={getattr(self, key)} is negative", f"set budget.{key}>=0")
+        if self.lr <= 0:
+            raise ConfigError(f"budget.lr={self.lr} must be positive", "e.g. budget.lr=2e-4")
 
     def steps(self) -> int:
         if self.train_steps:

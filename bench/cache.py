@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.errors import ArtifactCorrupt, BenchError
+from bench.errors import ArtifactCorrupt, ResourceError
 
 
 def content_key(*parts) -> str:
@@ -80,8 +80,9 @@ class ArtifactStore:
             atomic_write(f, lambda tmp: save_file(tensors, tmp, metadata=metadata))
             atomic_write_bytes(h, file_sha256(f).encode())  # written last: its presence marks a complete entry
         except OSError as e:
-            raise BenchError(f"cannot write artifact under {self.root}: {e.strerror or e}",
-                             "free disk space or set paths.results to a writable directory") from e
+            self.discard(key)  # a file without its hash is never trusted; do not leave it taking space either
+            raise ResourceError(f"cannot write artifact under {self.root}: {e.strerror or e}",
+                                "free disk space or set paths.results to a writable directory") from e
         return f
 
     def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,11 +91,15 @@ class ArtifactStore:
             raise ArtifactCorrupt(f"artifact {key} is incomplete", "it will be rebuilt; delete it to force that")
         if file_sha256(f) != h.read_text().strip():
             raise ArtifactCorrupt(f"artifact {f} fails its sha256 check", f"delete {f} and re-run to rebuild it")
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(f), framework="pt") as sf:
-            metadata = sf.metadata() or {}
-        return load_file(str(f)), metadata
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                metadata = sf.metadata() or {}
+            return load_file(str(f)), metadata
+        except SafetensorError as e:  # hash matches but not a safetensors file (e.g. written by something else)
+            raise ArtifactCorrupt(f"artifact {f} is not a readable safetensors file ({e})",
+                                  f"delete {f} and re-run to rebuild it") from None
 
     def discard(self, key: str) -> None:
         for p in self.paths(key):

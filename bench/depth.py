@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError, check_range
+from bench.errors import ConfigError, NotApplicable, check_range
 from bench.packed import EXECUTION_DENSE, Packed
 from bench.plugins import Method
 
@@ -29,6 +29,15 @@ class DepthPruning(Method):
         check_range("method.ratio", self.ratio, 0.0, 0.9)
         if self.n_blocks is not None and self.n_blocks < 1:
             raise ConfigError(f"method.n_blocks={self.n_blocks} must be at least 1", "or leave it null and set ratio")
+
+    def check_applicable(self, model) -> None:
+        """Checked before anything runs: a model too shallow to lose a block, or a ratio that removes none."""
+        super().check_applicable(model)
+        n = len(model.adapter.blocks())
+        if n < 3:
+            raise NotApplicable(f"method '{self.name}' needs a model with at least 3 decoder blocks (it keeps 2 and "
+                                f"removes 1 or more); '{model.spec.name}' has {n}", "use a deeper model")
+        self.n_remove(n)
 
     def n_remove(self, n_layers: int) -> int:
         n = self.n_blocks if self.n_blocks is not None else round(self.ratio * n_layers)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import calib as calib_mod
 from bench import recover as recover_mod
 from bench.recover import Recovery
-from bench import models, sweep, tracking
+from bench import models, resources, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
 from bench.plugins import Backend, Method, Task
@@ -64,6 +64,17 @@ def build(node: DictConfig, group: str):
             raise ConfigError(f"{group} has no option '{bad}'",
                               f"{did_you_mean(bad, valid)}options: {', '.join(valid)}") from None
         raise ConfigError(f"invalid {group} config: {cause}", f"check configs/{group}/") from None
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """What no plug-in validates: mandatory values left unset (`???`), the seed and the thread count."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is not set", f"set {missing[0]}=... on the command line")
+    for key, lo, example in (("seed", 0, 0), ("threads", 1, 2)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ConfigError(f"{key}={value} is not an integer >= {lo}", f"e.g. {key}={example}")
 
 
 def _import(target: str):
@@ -99,6 +110,7 @@ def method_code_hash(method: Method) -> str:
 
 class Runner:
     def __init__(self, cfg: DictConfig):
+        check_top_level(cfg)
         self.cfg = cfg
         self.results = cfg.paths.results
         self.data_root = cfg.paths.data_root
@@ -162,8 +174,10 @@ class Runner:
                 timings["restore_s"] = time.perf_counter() - t0
                 run.tag({"bench.cache": "hit", "bench.artifact_key": key})
                 return packed, key
-            except ArtifactCorrupt:
+            except ArtifactCorrupt as e:
                 self.store.discard(key)  # rebuilt below; the corrupt file is never trusted
+                run.tag({"bench.cache_discarded": e.problem})
+                print(f"bench: warning: {e.problem}; rebuilding it", file=sys.stderr)
         set_determinism(self.cfg.seed, self.cfg.threads)
         packed = method.compress(models.clone(model), calib, self.budget)
         if recover.enabled:
@@ -171,7 +185,13 @@ class Runner:
                                         self.budget)
         timings["compress_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.store.save(key, packed.tensors(model), packed.metadata())
+        tensors = packed.tensors(model)
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # caught before the cache: a broken model is never stored, evaluated or shown as a number
+            raise NumericalFailure(f"method '{method_cfg['name']}' produced NaN/inf in {len(bad)} stored tensor(s), "
+                                   f"first {bad[0]}", "nothing was cached and the run is recorded as failed; try "
+                                   "more bits, a lower budget.lr or another method")
+        self.store.save(key, tensors, packed.metadata())
         timings["artifact_write_s"] = time.perf_counter() - t0
         run.tag({"bench.cache": "miss", "bench.artifact_key": key})
         return packed, key
@@ -185,6 +205,7 @@ class Runner:
         tags.update({"bench.method_family": type(method).family, "bench.method_paper": type(method).paper,
                      "bench.method_summary": _first_line(sys.modules[type(method).__module__].__doc__)})
         timings: dict[str, float] = {}
+        tracking.close_stale_runs(tags["bench.config_hash"])  # a killed earlier attempt at this cell: KILLED
         with tracking.Run(f"{method_cfg['name']}|{self.task.name}|{self.model_spec.name}", params, tags) as run:
             method.check_applicable(model)
             self.task.check_applicable(model)
@@ -250,8 +271,11 @@ class Runner:
         set_determinism(self.cfg.seed, self.cfg.threads)
         tracking.setup(self.results)
         t0 = time.perf_counter()
+        resources.check_fits(self.model_spec)  # estimated from the weight files, before loading them
         model = models.load(self.model_spec, self.data_root)
         load_s = time.perf_counter() - t0
+        self.method.check_applicable(model)  # before the baseline is measured, not after
+        self.task.check_applicable(model)
         method_cfg = OmegaConf.to_container(self.cfg.method, resolve=True)
         base = None
         if self.method.name != "none" and self.cfg.compare_baseline:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from bench.errors import ConfigError, DataMissing, NotApplicable, unknown_choice
+from bench.errors import ConfigError, DataCorrupt, DataMissing, NotApplicable, unknown_choice
 from bench.models.adapter import DecoderAdapter
 from bench.models.llama import LlamaAdapter
 from bench.models.opt import OptAdapter
@@ -172,6 +174,8 @@ def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
     else:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         local = Path(spec.name_or_path).is_dir()
+        if not local and spec.name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id
+            raise DataMissing(f"model directory '{spec.name_or_path}' does not exist", "check model.name_or_path")
         try:
             tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
             model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, revision=spec.revision, dtype=dtype)
@@ -179,7 +183,18 @@ def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
             hint = "HF_HUB_OFFLINE=1 is set and it is not cached" if offline and not local else str(e).splitlines()[0]
             raise DataMissing(f"cannot load model '{spec.name_or_path}' ({hint})",
                               "point model.name_or_path at a local directory or go online") from None
+        except SafetensorError as e:
+            raise DataCorrupt(f"the weights of model '{spec.name_or_path}' are not a readable safetensors file ({e})",
+                              "re-download or re-save the model") from None
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
+            raise DataCorrupt(f"the weights of model '{spec.name_or_path}' are a pickle that does not load as plain "
+                              "tensors (it could run code) and were refused",
+                              "convert a trusted copy to safetensors") from None
         origin = {"name_or_path": spec.name_or_path, "revision": spec.revision}
+    n_tokens, n_rows = len(tok), model.get_input_embeddings().num_embeddings
+    if n_tokens > n_rows:  # ids past the embedding would fail (or read garbage) mid-evaluation
+        raise ConfigError(f"the tokenizer of model '{spec.name_or_path or spec.name}' has {n_tokens} tokens but its "
+                          f"embedding has only {n_rows} rows", "use the tokenizer saved with this model")
     model.eval()
     model.config.use_cache = False
     adapter = adapter_for(model)
