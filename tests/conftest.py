@@ -35,6 +35,18 @@ def tiny_causal_lm(arch: str = "llama", vocab: int = 256, seed: int = 0, layers:
     return model.eval()
 
 
+def byte_tokenizer():
+    """A byte-level tokenizer (256 tokens, no merges): real text in, ids out, built in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 def loaded_tiny(arch: str = "llama", vocab: int = 256, layers: int = 2):
     from bench import models
 
@@ -88,12 +100,79 @@ def tiny_llama_dir(tmp_path_factory, default_model):
     return d
 
 
+@pytest.fixture(scope="session")
+def tiny_byte_llama_dir(tmp_path_factory):
+    """A tiny LLaMA (vocab 256) with `byte_tokenizer()` as an HF directory: the `model=hf` path without loading
+    the default model first (converting its GGUF tokenizer alone takes seconds)."""
+    d = tmp_path_factory.mktemp("tiny_byte_llama")
+    tiny_causal_lm("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_wikitext(tmp_path_factory) -> Path:
+    """A data root holding the first 120 lines of the real WikiText-2 test and validation files: one 64-token
+    window and a tiny calibration set, tokenized in milliseconds instead of seconds."""
+    from bench import data
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext-2-raw-v1").mkdir()
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        lines = data.local_file(f"wikitext-2-raw-v1/{name}").read_text().split("\n")[:120]
+        (root / "wikitext-2-raw-v1" / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def compose(*overrides: str):
+    """The run config the CLI would compose from these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    import bench.app  # noqa: F401  (registers the config's resolvers, as the CLI does)
+
+    with initialize_config_module("bench.configs", version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_tiny(results: Path, model_dir: Path, data_root: Path, *overrides: str, backend=None):
+    """One run in this process (no baseline, one thread): the CellResult of the method's cell."""
+    from bench.runner import Runner
+
+    runner = Runner(compose(*tiny_cli_args(model_dir), "compare_baseline=false", "threads=1",
+                            f"paths.results={results}", f"paths.data_root={data_root}", *overrides))
+    if backend is not None:
+        runner.backend = backend
+    return runner.run()[1]
+
+
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
     d = tmp_path / "results"
     monkeypatch.setenv("BENCH_RESULTS", str(d))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return d
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its schema migrated: creating one takes seconds of MLflow's migrations,
+    so tests that record runs start from a copy (`store_results_dir`)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    d = tmp_path_factory.mktemp("store")
+    SqlAlchemyStore(f"sqlite:///{d / 'mlflow.db'}", str(d / "artifacts")).engine.dispose()
+    return d / "mlflow.db"
+
+
+@pytest.fixture
+def store_results_dir(results_dir, migrated_store):
+    """`results_dir` holding a copy of the empty, migrated MLflow store."""
+    import shutil
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(migrated_store, results_dir / "mlflow.db")
+    return results_dir
 
 
 def run_cli(*args: str, results: Path, env: dict | None = None, timeout: int = 900):
