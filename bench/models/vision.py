@@ -1,4 +1,4 @@
-"""The model adapter for convolutional image models (super-resolution now, classifiers next).
+"""The model adapter for convolutional image models (super-resolution and classifiers).
 
 The same contract as the decoder adapter where it makes sense: `linears()` lists every weight layer
 (Conv2d and Linear) as a `LinearRef`, in module order, with a role naming its kind (`conv3x3`, `conv1x1`,
@@ -14,7 +14,7 @@ from torch import nn
 
 from bench.models.adapter import LinearRef
 
-VISION_KINDS = ("image_sr",)
+VISION_KINDS = ("image_sr", "image_classifier")
 
 
 class ConvAdapter:
