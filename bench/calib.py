@@ -7,16 +7,19 @@ uniformly random offsets from a seeded RNG. The set's identity (name, split, n, 
 goes into every record and into the compressed-model cache key.
 
 Image models calibrate on `source: image_patches`: `n_samples` low-resolution patches, each a seeded random
-(patch x scale)-pixel crop of an image under `images` (relative to the data root) downscaled by `scale`
-with Pillow's bicubic filter, as (n, 3, patch, patch) floats on the 0-255 scale. The offline set is the
-ImageNet sample, which no SR test set overlaps.
+(patch x scale)-pixel crop of an image under `images` (a folder relative to the data root, or a glob of
+folders) downscaled by `scale` with Pillow's bicubic filter, as (n, 3, patch, patch) floats on the 0-255
+scale. The offline set for SR models is the ImageNet sample, which no SR test set overlaps; for ImageNet
+classifiers it is the other way round (`sr_hr_224`: 224-pixel crops of the Set5/Set14 HR images).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +36,7 @@ class CalibSpec:
     hub_path: str | None = None
     hub_name: str | None = None
     text_field: str = "text"
-    images: str | None = None  # image folder under the data root (image_patches)
+    images: str | None = None  # image folder under the data root, or a glob of folders (image_patches)
     patch: int = 64  # LR patch side (image_patches)
     scale: int = 4  # HR crop = patch x scale, downscaled by it (image_patches)
     seed: int = 0
@@ -96,9 +99,9 @@ def _image_patches(spec: CalibSpec, n_samples: int, data_root: str | None) -> Ca
     from PIL import Image
 
     root = data.data_root(data_root)
-    folder = root / spec.images if root else None
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if (
-        folder and folder.is_dir()) else []
+    pattern = Path(glob.escape(str(root))) / spec.images if root else None  # relative to the root unless absolute
+    folders = sorted(Path(d) for d in glob.glob(str(pattern)) if Path(d).is_dir()) if pattern else []
+    files = sorted(p for d in folders for p in d.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise data.missing(spec.images, data_root)
     rng = random.Random(spec.seed)

@@ -77,7 +77,7 @@ class StaticPTQ(Method):
     keep_first_last: bool = True
     family: ClassVar[str] = "quantization"
     paper: ClassVar[str] = "Static post-training quantization (per-channel weights, calibrated per-tensor activations)"
-    applies_to: ClassVar[tuple[str, ...]] = ("image_sr",)
+    applies_to: ClassVar[tuple[str, ...]] = ("image_sr", "image_classifier")
     needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self):
