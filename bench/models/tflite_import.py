@@ -45,7 +45,7 @@ class Step:
     inputs: list[int]
     output: int
     layer: str | None = None  # key in TFLiteNet.layers for weight ops
-    same_pad: tuple[int, int, int, int] | None = None  # (kh, kw, stride_h, stride_w) x dilation; SAME at run time
+    same_pad: tuple[int, int, int, int] | None = None  # dilated (kh, kw), (stride_h, stride_w): SAME at run time
     pads: tuple[int, ...] = ()  # F.pad order (left, right, top, bottom) for PAD
     axes: tuple[int, ...] = ()  # torch axes for MEAN
     keep_dims: bool = False
@@ -193,7 +193,7 @@ def _weight_layer(graph: _Graph, name: str, op, k: int) -> tuple[nn.Module, Step
     return layer, step
 
 
-def _other_step(graph: _Graph, name: str, op, k: int) -> Step | None:
+def _other_step(graph: _Graph, name: str, op, k: int) -> Step:
     tfl = graph.tflite
     ins = [int(i) for i in op.InputsAsNumpy()]
     out = int(op.Outputs(0))
