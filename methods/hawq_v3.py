@@ -6,9 +6,9 @@ INT8 (weights per output channel and its input activations alike), chosen to min
 perturbation sum_i Tr(H_i)/n_i * ||W_i - Q_b(W_i)||^2 under a model-size limit
 size_4bit + size_limit * (size_8bit - size_4bit) (the reference's `model_size_limit`; 0.5 = an average of
 6 bits). Tr(H_i) is the Hutchinson estimate (`hutchinson_iters` Rademacher probes, E[v^T H v]) of the
-Hessian of the distillation loss ||f(x) - f_fp(x)||^2 on `calib=` images, which at the full-precision
-weights is the Gauss-Newton matrix (the residual is zero). The first and last layer are INT8, as in the
-paper. The ILP is solved exactly (scipy's HiGHS MILP; the reference uses PuLP with GLPK).
+Hessian of the distillation loss ||f(x) - f_fp(x)||^2 on the first `hessian_images` of `calib=`, which at
+the full-precision weights is the Gauss-Newton matrix (the residual is zero). The first and last layer are
+INT8, as in the paper. The ILP is solved exactly (scipy's HiGHS MILP; the reference uses PuLP with GLPK).
 
 Quantizers are the suite's `static_ptq` ones (per-channel symmetric weights with an MSE clip search, one
 calibrated static range per layer input). HAWQ-V3 deploys integer-only: every requantization multiplier
@@ -78,6 +78,7 @@ class HAWQV3(StaticPTQ):
     name: str = "hawq_v3"
     size_limit: float = 0.5  # 0 = all INT4, 1 = all INT8; 0.5 = an average of 6 bits
     hutchinson_iters: int = 16
+    hessian_images: int = 32  # the first calibration images, for the trace estimate (the reference: one batch)
     seed: int = 0
     keep_first_last: bool = False  # first and last layer run INT8 (the paper), not full precision
     paper: ClassVar[str] = "Yao et al., HAWQ-V3: Dyadic Neural Network Quantization (ICML 2021)"
@@ -85,10 +86,11 @@ class HAWQV3(StaticPTQ):
     def __post_init__(self):
         check_range("method.size_limit", self.size_limit, 0.0, 1.0)
         check_range("method.hutchinson_iters", self.hutchinson_iters, 1, 10_000)
+        check_range("method.hessian_images", self.hessian_images, 1, 1 << 20)
 
     def layer_bits(self, model, refs, calib) -> dict[str, tuple[int, int]]:
         inner = refs[1:-1]  # the ILP's layers; the first and last are INT8
-        images = calib.windows * (model.info["input_range"] / 255.0)
+        images = calib.windows[:self.hessian_images] * (model.info["input_range"] / 255.0)
         self._traces = hutchinson_traces(model.module, inner, images, self.hutchinson_iters, self.seed)
         sens = {b: np.array([self._traces[r.name] * float((quantize_weight(weight_matrix(r.module).float(), b)
                                                           .dequantize() - weight_matrix(r.module)).pow(2).sum())
