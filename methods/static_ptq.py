@@ -5,9 +5,10 @@ activation ranges: the integer-deployment recipe (TensorRT / PyTorch static PTQ)
 - Weights: signed `w_bits` integers, symmetric, one scale per output channel (a conv's out x in x kh x kw
   weight as an out x (in kh kw) matrix); the scale's clipping ratio is searched per channel (MSE).
 - Activations (`a_bits`, null = fp32): the input of every quantized layer gets one static asymmetric range
-  per tensor, calibrated on `calib=` (LR image patches for SR models): [lo, hi] = r x [min, max] with r from
-  a grid, minimising the squared error of the quantized calibration activations (an MSE observer on a
-  seeded subsample of each batch plus its exact min and max), on the model with its weights quantized.
+  per tensor, calibrated on `calib=` images (LR patches for SR, crops for classifiers): [lo, hi] =
+  r x [min, max] with r from a grid, minimising the squared error of the quantized calibration activations
+  (an MSE observer on a seeded subsample of each batch plus its exact min and max), on the model with its
+  weights quantized.
 - `keep_first_last`: the first and the last layer stay in full precision (the usual SR-quantization
   setting); the record says which layers did.
 Stored: packed codes + fp16 per-channel scales + fp16 bias, and per layer its bit-widths, the activation
