@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from bench import models
 from bench.models.tflite_import import run_litert
-from bench.tasks.imagenet import ImageNetClassification, resize_center_crop
+from bench.tasks.imagenet import ImageNetClassification
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -31,11 +31,7 @@ def main() -> None:
     node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "mobilenetv2_tflite.yaml"))
     node.pop("_target_")
     model = models.load(models.ModelSpec(**node))
-    task = ImageNetClassification(limit=args.images)
-    resize, crop = task.preprocessing(model)
-    rows = task.examples()
-    images = np.stack([resize_center_crop(p, resize, crop) for p, _ in rows])
-    labels = np.array([c for _, c in rows])
+    images, labels = ImageNetClassification(limit=args.images).views(model)
     with torch.no_grad():
         logits = torch.cat([model.module(torch.from_numpy(images[i:i + 25]).permute(0, 3, 1, 2).float())
                             for i in range(0, len(images), 25)]).numpy()
@@ -45,7 +41,7 @@ def main() -> None:
         top1, top5 = np.mean(top5[:, 0] == labels), np.mean((top5 == labels[:, None]).any(1))
         print(f"{name:14s} top-1 {top1:.3f}  top-5 {top5:.3f}")
     agree = logits.argmax(1) == scores.argmax(1)
-    print(f"top-1 agreement on {len(rows)} images: {agree.mean():.3f} ({int(agree.sum())}/{len(rows)})")
+    print(f"top-1 agreement on {len(labels)} images: {agree.mean():.3f} ({int(agree.sum())}/{len(labels)})")
 
 
 if __name__ == "__main__":

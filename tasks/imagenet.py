@@ -126,6 +126,13 @@ class ImageNetClassification(Task):
         ids = [int(line) for line in truth.read_text().split()]
         return [(root / f"ILSVRC2012_val_{n:08d}.JPEG", index[leaves[i]]) for n, i in enumerate(ids, start=1)]
 
+    def views(self, model, data_root: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every example's evaluation view (uint8 NHWC) and label, all at once: for a few hundred images
+        (agreement checks); `evaluate` streams batches instead."""
+        resize, crop = self.preprocessing(model)
+        rows = self.examples(data_root)
+        return np.stack([resize_center_crop(p, resize, crop) for p, _ in rows]), np.array([c for _, c in rows])
+
     @torch.no_grad()
     def evaluate(self, model, data_root: str | None = None) -> list[Metric]:
         resize, crop = self.preprocessing(model)

@@ -156,11 +156,7 @@ def test_classifier_calibration_set_is_disjoint_from_the_sample():
 
 
 def test_rebuild_agrees_with_litert_on_the_file(mobilenet):
-    task = ImageNetClassification(limit=N_AGREE)
-    resize, crop = task.preprocessing(mobilenet)
-    rows = task.examples()
-    images = np.stack([resize_center_crop(p, resize, crop) for p, _ in rows])
-    labels = np.array([c for _, c in rows])
+    images, labels = ImageNetClassification(limit=N_AGREE).views(mobilenet)
     with torch.no_grad():
         logits = torch.cat([mobilenet.module(torch.from_numpy(images[i:i + 25]).permute(0, 3, 1, 2).float())
                             for i in range(0, N_AGREE, 25)])
