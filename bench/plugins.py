@@ -125,5 +125,12 @@ class Backend:
     def supports(self, packed: Packed) -> str | None:
         return None
 
+    def deploy(self, packed: Packed) -> Packed:
+        """The packed model as this backend executes it (called only when `supports` said yes). By default
+        torch runs `packed.model` itself. A backend with real kernels returns a new Packed whose model calls
+        them and whose `execution` names them; the runner then evaluates the task on it too and records both
+        accuracies, and `measure` receives it."""
+        return packed
+
     def measure(self, packed: Packed, workload: Workload) -> Measurement:
         raise NotImplementedError

@@ -4,7 +4,8 @@
     calib    = calib.load(cfg.calib, ...)                       (only for methods that need it)
     packed   = artifact cache hit ? method.restore(...) : method.compress(model, calib, budget)
     metrics  = task.evaluate(packed model)
-    measured = backend.measure(packed, task.workload())        (or unsupported, with the reason)
+    deployed = backend.deploy(packed)                           (real kernels: the task is evaluated again)
+    measured = backend.measure(deployed, task.workload())      (or unsupported, with the reason)
     record   = one MLflow run with params, metrics, tags, artifacts; FAILED on any exception
 
 Nothing downstream reaches back upstream. The uncompressed baseline is a run like any other (method=none);
@@ -240,13 +241,23 @@ class Runner:
             run.json_artifact([{"name": m.name, "value": m.value, "direction": m.direction, "unit": m.unit,
                                 "stderr": m.stderr, "notes": m.notes, "per_sample_name": m.per_sample_name,
                                 "per_sample": m.per_sample} for m in task_metrics], "task_metrics.json")
-            # --- measure ---
+            # --- measure (on the model as the backend deploys it) ---
             t0 = time.perf_counter()
             reason = self.backend.supports(packed)
+            if not reason:
+                deployed = self.backend.deploy(packed)
+                if deployed is not packed:  # real kernels: the accuracy of what runs, beside the torch model's
+                    timings["deploy_s"] = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    metrics.update(self._evaluate_deployed(run, evaluated, packed, deployed, task_metrics))
+                    late_tags["bench.deployed_execution"] = deployed.execution
+                    timings["evaluate_deployed_s"] = time.perf_counter() - t1
+                    t0 = time.perf_counter()
+                measured = self.backend.measure(deployed, self.task.workload(evaluated, self.data_root))
+                reason = measured.unsupported
             if reason:
                 late_tags.update({"bench.hardware_status": "unsupported", "bench.hardware_unsupported": reason})
             else:
-                measured = self.backend.measure(packed, self.task.workload(evaluated, self.data_root))
                 metrics.update(measured.metrics)
                 late_tags.update({f"hardware.{k}": v for k, v in measured.tags.items()})
             timings["measure_s"] = time.perf_counter() - t0
@@ -255,6 +266,25 @@ class Runner:
             run.metrics(metrics)
             run.text_artifact(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
             return CellResult(run.id, method_cfg["name"], metrics, {**tags, **late_tags}, timings)
+
+    def _evaluate_deployed(self, run, evaluated: models.LoadedModel, packed, deployed, task_metrics) -> dict:
+        """The task again, on the model the backend really runs: `<metric>.deployed` and its difference to the
+        torch model's value, `<metric>.deployed_minus_<execution>` (e.g. ..._minus_fake_quant)."""
+        again = {m.name: m for m in self.task.evaluate(models.with_module(evaluated, deployed.model), self.data_root)}
+        out = {}
+        for m in task_metrics:
+            d = again.get(m.name)
+            if d is None:
+                continue
+            if not d.finite:
+                raise NumericalFailure(f"metric {m.name} on the deployed model ({deployed.execution}) is {d.value}",
+                                       "the run is recorded as failed")
+            out[f"{m.name}.deployed"] = d.value
+            out[f"{m.name}.deployed_minus_{packed.execution.replace('-', '_')}"] = d.value - m.value
+        run.json_artifact([{"name": m.name, "value": m.value, "execution": deployed.execution, "unit": m.unit,
+                            "per_sample_name": m.per_sample_name, "per_sample": m.per_sample}
+                           for m in again.values()], "task_metrics_deployed.json")
+        return out
 
     def baseline(self, model: models.LoadedModel) -> CellResult:
         prior = tracking.find_finished({"bench.method": "none", "bench.task_key": self._task_key(),

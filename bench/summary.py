@@ -61,6 +61,12 @@ def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -
     print(f"\nwall time: {split}")
     print(f"model {runner.model_spec.name} | hardware {runner.backend.name} ({result.tags.get('hardware.threads', '?')} threads)"
           f" | mlflow run {result.run_id}")
-    if result.tags.get("bench.execution") == "fake-quant":
+    for key, value in result.metrics.items():  # a backend with real kernels re-evaluated the task on them
+        if key.endswith(".deployed"):
+            name = key[:-len(".deployed")]
+            diff = next((v for k, v in result.metrics.items() if k.startswith(f"{key}_minus_")), None)
+            print(f"deployed ({result.tags.get('bench.deployed_execution')}): {name} = {fmt(value)}; torch "
+                  f"{result.tags.get('bench.execution')}: {fmt(result.metrics.get(name))}; difference {fmt(diff)}")
+    if result.tags.get("bench.execution") == "fake-quant" and "bench.deployed_execution" not in result.tags:
         print("note: latency/energy are for fake-quant execution (fp32 matmuls on dequantized weights); "
               "accuracy is real, speed is not that of a low-bit kernel")
