@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -78,13 +78,16 @@ class Method:
 @dataclass
 class Workload:
     """What a backend times. `kind="causal_lm"`: a prefill of `prompt_ids` and `decode_tokens` greedy
-    decoding steps; `kind="image"`: one forward pass of `inputs`, named `label` in the metrics."""
+    decoding steps; `kind="image"`: one forward pass of `inputs`, named `label` in the metrics;
+    `kind="diffusion"`: `sampler(model)` is a module running all `steps` denoiser calls from the noise `inputs`."""
 
     kind: str
     prompt_ids: torch.Tensor | None = None
     decode_tokens: int = 32
     inputs: torch.Tensor | None = None
     label: str = ""
+    steps: int = 0
+    sampler: Callable | None = None
 
 
 @dataclass

@@ -226,6 +226,8 @@ class Runner:
             evaluated = models.with_module(model, packed.model)
             task_metrics = self.task.evaluate(evaluated, self.data_root)
             timings["evaluate_s"] = time.perf_counter() - t0
+            for path in getattr(self.task, "artifact_files", []):  # e.g. a diffusion task's sample grid
+                run.file_artifact(path)
             for m in task_metrics:
                 if not m.finite:
                     raise NumericalFailure(f"metric {m.name} is {m.value}", "the run is recorded as failed")

@@ -175,6 +175,9 @@ class Run:
             p.write_text(text)
             retry(mlflow.log_artifact, str(p))
 
+    def file_artifact(self, path: str) -> None:
+        retry(mlflow.log_artifact, str(path))
+
     def __exit__(self, exc_type, exc, tb):
         if exc is None:
             retry(mlflow.end_run, "FINISHED")

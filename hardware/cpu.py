@@ -12,6 +12,7 @@ a quantized or binarized model runs as fake-quant, and the record says `executio
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -53,6 +54,8 @@ class CpuBackend(Backend):
         torch.set_num_threads(self.threads)
         if workload.kind == "image":
             return self._measure_image(packed, workload)
+        if workload.kind == "diffusion":
+            return self._measure_diffusion(packed, workload)
         model = packed.model
         rapl = energy.RaplMeter()
         if rapl.readable:
@@ -72,6 +75,18 @@ class CpuBackend(Backend):
             tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
         m[energy.metric_name("prefill_j_per_token", tags["energy_source"])] = value
         return Measurement(m, tags)
+
+    def _measure_diffusion(self, packed: Packed, workload: Workload) -> Measurement:
+        """A whole sampling run from `inputs` timed as one image workload (energy per image from its MACs over
+        every step), plus the per-step latency = per image / steps."""
+        sampling = dataclasses.replace(packed, model=workload.sampler(packed.model))
+        out = self._measure_image(sampling, workload)
+        prefix = f"latency.{workload.label or 'forward'}"
+        n = workload.inputs.shape[0]
+        for q in ("p50", "p90"):
+            out.metrics[f"{prefix}.per_image.{q}_s"] = out.metrics[f"{prefix}.{q}_s"] / n
+            out.metrics[f"{prefix}.per_step.{q}_s"] = out.metrics[f"{prefix}.{q}_s"] / n / workload.steps
+        return out
 
     def _measure_image(self, packed: Packed, workload: Workload) -> Measurement:
         """One forward pass of the workload's image batch, timed; energy per image."""
