@@ -11,6 +11,10 @@ Image models calibrate on `source: image_patches`: `n_samples` low-resolution pa
 folders) downscaled by `scale` with Pillow's bicubic filter, as (n, 3, patch, patch) floats on the 0-255
 scale. The offline set for SR models is the ImageNet sample, which no SR test set overlaps; for ImageNet
 classifiers it is the other way round (`sr_hr_224`: 224-pixel crops of the Set5/Set14 HR images).
+
+Diffusion models calibrate on `source: gaussian_noise`: `n_samples` seeded initial noises x_T of
+(channels, patch, patch); a method runs the uncompressed model's sampler from them and calibrates on the
+(x_t, t) it meets (data-free and spanning every timestep, as Q-Diffusion does).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from bench.errors import BenchError, ConfigError
 @dataclass
 class CalibSpec:
     name: str
-    source: str = "wikitext2"  # "wikitext2" (local file or hub) | "hub" (any datasets id) | "image_patches"
+    source: str = "wikitext2"  # "wikitext2" | "hub" (any datasets id) | "image_patches" | "gaussian_noise"
     split: str = "validation"
     hub_path: str | None = None
     hub_name: str | None = None
@@ -39,12 +43,14 @@ class CalibSpec:
     images: str | None = None  # image folder under the data root, or a glob of folders (image_patches)
     patch: int = 64  # LR patch side (image_patches)
     scale: int = 4  # HR crop = patch x scale, downscaled by it (image_patches)
+    channels: int = 1  # of the noise images (gaussian_noise; their side is `patch`)
     seed: int = 0
     description: str = ""
 
     def __post_init__(self):
-        if self.source not in ("wikitext2", "hub", "image_patches"):
-            raise ConfigError(f"calib.source='{self.source}' is unknown", "use 'wikitext2', 'hub' or 'image_patches'")
+        if self.source not in ("wikitext2", "hub", "image_patches", "gaussian_noise"):
+            raise ConfigError(f"calib.source='{self.source}' is unknown",
+                              "use 'wikitext2', 'hub', 'image_patches' or 'gaussian_noise'")
         if self.source == "image_patches" and not self.images:
             raise ConfigError(f"calib '{self.name}' has source=image_patches but no images folder", "set calib.images")
         if self.source == "wikitext2" and self.split == "test":
@@ -62,6 +68,9 @@ class CalibSet:
 
     @property
     def describe(self) -> str:
+        if self.spec.source == "gaussian_noise":
+            n, c, h, w = self.windows.shape
+            return f"{self.spec.name} {n}x{c}x{h}x{w} N(0,1) seed={self.spec.seed}"
         if self.spec.source == "image_patches":
             n, _, h, w = self.windows.shape
             return f"{self.spec.name}[{self.spec.images}] {n}x{h}x{w} x1/{self.spec.scale} seed={self.spec.seed}"
@@ -75,6 +84,10 @@ def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str
                           "set budget.calib_samples and budget.calib_seqlen to positive values")
     if spec.source == "image_patches":
         return _image_patches(spec, n_samples, data_root)
+    if spec.source == "gaussian_noise":
+        g = torch.Generator().manual_seed(spec.seed)
+        noise = torch.randn((n_samples, spec.channels, spec.patch, spec.patch), generator=g)
+        return CalibSet(spec, noise, hashlib.sha256(noise.numpy().tobytes()).hexdigest())
     if tokenizer is None:
         raise ConfigError(f"calib={spec.name} is text and this model has no tokenizer",
                           "image models calibrate on images: calib=imagenet_sample_lr")
