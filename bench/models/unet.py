@@ -1,0 +1,166 @@
+"""Small image networks the suite trains itself for the offline diffusion track (plain torch, no download).
+
+- `TinyUNet`: the DDPM noise predictor eps(x_t, t) of Ho et al. (2020) scaled down for 8x8 / 28x28 digits:
+  sinusoidal timestep embedding -> 2-layer MLP, conv_in, per resolution `n_res` residual blocks (GroupNorm,
+  SiLU, 3x3 conv, the timestep projected and added per channel, 3x3 conv, 1x1 skip when widths differ),
+  strided-conv downsampling, two middle blocks, nearest-upsampling + conv with concatenated skips, and
+  GroupNorm-SiLU-conv_out. No attention (at 8x8 it buys little and would be the only non-conv op).
+- `LeNet`: a LeNet-5-style classifier whose penultimate features define the Frechet distance `fd_lenet`.
+- `DiffusionAdapter`: the conv adapter with every Conv2d/Linear named by its role in the UNet
+  (`time_mlp`, `conv_in`, `res.conv1`, `res.temb`, `res.conv2`, `res.skip`, `down`, `up`, `conv_out`) and
+  `block` = its order, so methods written against `linears()` (rtn, minifloat, ...) apply unchanged.
+  A `late` submodule (hybrid_sd's second denoiser) is not part of the base model and is not listed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.models.adapter import LinearRef
+from bench.models.vision import ConvAdapter
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Transformer sinusoidal embedding DDPM uses for the timestep."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, c), c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, tdim: int):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(tdim, cout)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class TinyUNet(nn.Module):
+    def __init__(self, in_ch: int = 1, ch: int = 32, mults: tuple[int, ...] = (1, 2), n_res: int = 1):
+        super().__init__()
+        self.ch, self.in_ch = ch, in_ch
+        tdim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        widths, c = [ch], ch
+        for i, m in enumerate(mults):
+            level = nn.Module()
+            level.res = nn.ModuleList()
+            for _ in range(n_res):
+                level.res.append(ResBlock(c, ch * m, tdim))
+                c = ch * m
+                widths.append(c)
+            level.down = nn.Conv2d(c, c, 3, stride=2, padding=1) if i < len(mults) - 1 else None
+            if level.down is not None:
+                widths.append(c)
+            self.down.append(level)
+        self.mid = nn.ModuleList([ResBlock(c, c, tdim), ResBlock(c, c, tdim)])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(mults))):
+            level = nn.Module()
+            level.res = nn.ModuleList()
+            for _ in range(n_res + 1):
+                level.res.append(ResBlock(c + widths.pop(), ch * m, tdim))
+                c = ch * m
+            level.up = nn.Conv2d(c, c, 3, padding=1) if i > 0 else None
+            self.up.append(level)
+        self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
+        self.late: nn.Module | None = None  # hybrid_sd: a second denoiser for timesteps below late_below_t
+        self.late_below_t: int = -1
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t).reshape(-1).expand(x.shape[0]) if torch.as_tensor(t).numel() == 1 else t
+        if self.late is not None:  # hybrid: early (large-t) steps here, late (small-t) steps on `late`
+            small = t < self.late_below_t
+            if bool(small.all()):
+                return self.late(x, t)
+            if bool(small.any()):
+                out = torch.empty_like(x)
+                out[small] = self.late(x[small], t[small])
+                out[~small] = self._eps(x[~small], t[~small])
+                return out
+        return self._eps(x, t)
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(timestep_embedding(t, self.ch))
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for block in level.res:
+                h = block(h, temb)
+                skips.append(h)
+            if level.down is not None:
+                h = level.down(h)
+                skips.append(h)
+        for block in self.mid:
+            h = block(h, temb)
+        for level in self.up:
+            for block in level.res:
+                h = block(torch.cat([h, skips.pop()], dim=1), temb)
+            if level.up is not None:
+                h = level.up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class LeNet(nn.Module):
+    """LeNet-5 layout (conv 5x5 -> pool -> conv 5x5 -> pool -> 120 -> 84 -> classes), padded so that 8x8
+    inputs keep two poolings; `features` returns the 84-d penultimate activations."""
+
+    def __init__(self, in_ch: int = 1, n_classes: int = 10, image_size: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
+        side = image_size // 4
+        self.fc1, self.fc2 = nn.Linear(16 * side * side, 120), nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.features(x))
+
+
+def _role(name: str, module: nn.Module) -> str:
+    parts = name.split(".")
+    if parts[0] == "time_mlp":
+        return "time_mlp"
+    if parts[0] in ("conv_in", "conv_out"):
+        return parts[0]
+    if parts[-1] in ("conv1", "conv2", "temb", "skip"):
+        return f"res.{parts[-1]}"
+    return parts[-1]  # down / up resampling convs
+
+
+class DiffusionAdapter(ConvAdapter):
+    def __init__(self, model: nn.Module, kind: str = "diffusion"):
+        super().__init__(model, kind)
+
+    def linears(self) -> Iterator[LinearRef]:
+        index = 0
+        for name, m in self.model.named_modules():
+            if name.startswith("late.") or name == "late":
+                continue  # hybrid_sd's second network: stored whole, not a layer of the base model
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                yield LinearRef(index, _role(name, m), name, m)
+                index += 1
