@@ -69,7 +69,11 @@ def parse_int_format(label: str) -> IntGrid | None:
     return IntGrid(int(m.group(1)), m.group(2) == "sym", None if m.group(3) == "ch" else int(m.group(3)[1:]))
 
 
-def _no_kernel_reason(label: str) -> str:
+_RECOVERY = re.compile(r"^(lora|dora|rora)\d+$")  # bench/recover.py's suffix
+
+
+def _no_kernel_reason(label: str) -> str | None:
+    """Why a weight format other than an integer grid has no kernel here (None: it is not one of these)."""
     low = label.lower()
     if any(w in low for w in ("sign", "xnor", "binary", "1bit", "onebit", "billm", "pbllm")):
         return f"binary weights ({label}): no binary (xnor/popcount) kernel on this backend"
@@ -77,7 +81,7 @@ def _no_kernel_reason(label: str) -> str:
         return f"ternary weights ({label}): no ternary kernel on this backend"
     if re.search(r"(^|[-_])(fp\d|e\dm\d|minifloat|nf\d)", low):
         return f"floating-point weight format ({label}): no low-bit float kernel on this backend"
-    return f"layer format '{label}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
+    return None
 
 
 def block_size(grid: IntGrid, in_features: int) -> tuple[int | None, str | None]:
@@ -209,16 +213,19 @@ class CpuKernelsBackend(Backend):
         module = packed.model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             return "", None, None, f"layer {name} is a {type(module).__name__}: the kernels here are linear matmuls"
-        weights, _, extra = label.partition("+")  # "+...": activation quantization or recovery adapters
-        if extra.startswith(("a", "fp")):
-            return "", None, None, (f"activation quantization (+{extra}): the kernels here take fp32 activations "
-                                    "(MatMulNBits quantizes them per block, torch int8 per tensor), not as the method "
-                                    "does")
-        if extra:
-            return "", None, None, f"recovery adapters (+{extra}): no kernel path for the adapter branch here"
+        weights, *extras = label.split("+")  # "+...": activation quantization, then recovery adapters
+        reason = _no_kernel_reason(weights)
+        act = [e for e in extras if not _RECOVERY.match(e)]
+        if not reason and act:
+            reason = (f"activation quantization (+{act[0]}): the kernels here take fp32 activations (MatMulNBits "
+                      "quantizes them per block, torch int8 per tensor), not as the method does")
+        if not reason and extras:
+            reason = f"recovery adapters (+{extras[0]}): no kernel path for the adapter branch here"
         grid = parse_int_format(weights)
-        if grid is None:
-            return "", None, None, _no_kernel_reason(label)
+        if not reason and grid is None:
+            reason = f"layer format '{label}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
+        if reason:
+            return "", None, None, reason
         if grid.bits == 8 and grid.group is None and self.int8_kernel == "torch_dynamic":
             return "torch_dynamic", grid, None, None
         if grid.bits not in MATMULNBITS_BITS:

@@ -88,6 +88,23 @@ def test_what_has_no_kernel_is_unsupported_with_its_reason(tiny_llama, method, r
     assert CpuKernelsBackend(threads=1).supports(packed).startswith(reason)
 
 
+@pytest.mark.parametrize("label,reason", [
+    ("pbllm-binary+int8-0.1salient", "binary weights (pbllm-binary)"),
+    ("smooth0.5-int8-sym-ch+a8-per_token-dynamic", "activation quantization (+a8-per_token-dynamic)"),
+    ("int4-asym-g128+lora64", "recovery adapters (+lora64)"),
+    ("fp4_e2m1-g128", "floating-point weight format (fp4_e2m1-g128)"),
+    ("ternary-twn-rowscale-fp16", "ternary weights"),
+    ("abq-int4-asym-g128", "layer format 'abq-int4-asym-g128' has no kernel"),
+    ("int2-asym-ch", "per-channel 2-bit on a width-512 layer: 2-bit MatMulNBits blocks must not exceed 256"),
+])
+def test_reason_of_each_format_without_a_kernel(label, reason):
+    from bench.packed import Packed
+
+    module = torch.nn.Sequential(torch.nn.Linear(512, 8))
+    packed = Packed(module, "x", "fake-quant", {"0": {}}, {"0": label})
+    assert CpuKernelsBackend(threads=1).supports(packed).startswith(reason)
+
+
 def test_format_labels():
     g = parse_int_format("gptq-int4-asym-g128-actorder")
     assert (g.bits, g.symmetric, g.group) == (4, False, 128)
