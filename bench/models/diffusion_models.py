@@ -4,13 +4,12 @@ facts a task needs in `info` (image side, channels, the DDPM schedule).
 - `suite_trained`: a `bench.models.unet.TinyUNet` trained by the suite from the spec's `recipe`
   (`bench.diffusion.load_ddpm`: trained once, then read from `<results>/trained/`).
 - `diffusers`: a `UNet2DModel` from a hub id or local directory (a DDPMPipeline folder's `unet/` subfolder
-  is found too); its scheduler config, when present, gives the schedule. diffusers is an optional extra.
+  is found too); its scheduler config, when present, gives the schedule (diffusers==0.42.1 is pinned).
 Parameters are rounded once to `storage_dtype`, as for every model of the suite.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -43,31 +42,35 @@ def build_diffusers_unet(config: dict) -> nn.Module:
 
 def _load_diffusers(spec) -> tuple[nn.Module, dict]:
     try:
-        from diffusers import UNet2DModel
+        from diffusers import DDPMScheduler, UNet2DModel
     except ImportError:
         raise DataMissing("model source 'diffusers' needs the diffusers package",
-                          'install the extra: pip install -e ".[diffusion]"') from None
+                          "pip install diffusers==0.42.1 (or ./install.sh)") from None
     path = spec.name_or_path
-    sub = "unet" if Path(path, "unet").is_dir() or not Path(path).is_dir() and "/" in path and not Path(
-        path, "config.json").exists() else None
-    try:
-        unet = UNet2DModel.from_pretrained(path, subfolder=sub, revision=spec.revision)
-    except (OSError, EnvironmentError) as e:
-        if sub is not None:  # a bare UNet repo/folder rather than a pipeline
-            try:
-                unet = UNet2DModel.from_pretrained(path, revision=spec.revision)
-            except (OSError, EnvironmentError):
-                raise DataMissing(f"cannot load diffusers UNet '{path}' ({str(e).splitlines()[0]})",
-                                  "point model.name_or_path at a local pipeline/UNet directory or go online") from None
-        else:
-            raise DataMissing(f"cannot load diffusers UNet '{path}' ({str(e).splitlines()[0]})",
-                              "point model.name_or_path at a local pipeline/UNet directory or go online") from None
-    facts = _schedule_facts(1000, 1e-4, 0.02, "linear")
-    sched_cfg = Path(path, "scheduler", "scheduler_config.json")
-    if sched_cfg.is_file():
-        c = json.loads(sched_cfg.read_text())
-        facts = _schedule_facts(c.get("num_train_timesteps", 1000), c.get("beta_start", 1e-4),
-                                c.get("beta_end", 0.02), c.get("beta_schedule", "linear"))
+    local = Path(path).is_dir()
+    if not local and path.startswith(("/", "./", "../", "~")):
+        raise DataMissing(f"model directory '{path}' does not exist", "check model.name_or_path")
+    # a pipeline keeps its UNet in unet/ (e.g. a saved DDPMPipeline); a bare UNet repo at its root
+    subfolders = ["unet", None] if not local or Path(path, "unet").is_dir() else [None]
+    unet, error = None, None
+    for sub in subfolders:
+        try:
+            unet = UNet2DModel.from_pretrained(path, subfolder=sub, revision=spec.revision)
+            break
+        except (OSError, ValueError) as e:
+            error = e
+    if unet is None:
+        raise DataMissing(f"cannot load a diffusers UNet2DModel from '{path}' ({str(error).splitlines()[0]})",
+                          "point model.name_or_path at a local pipeline/UNet directory or go online") from None
+    facts = {**_schedule_facts(1000, 1e-4, 0.02, "linear"), "schedule_source": "default (no scheduler config)"}
+    for sub in ("scheduler", None):
+        try:
+            c = DDPMScheduler.from_pretrained(path, subfolder=sub, revision=spec.revision).config
+        except (OSError, ValueError):
+            continue
+        facts = {**_schedule_facts(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule),
+                 "schedule_source": f"{path}/{sub or '.'} scheduler config"}
+        break
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     return DiffusersUNet(unet.eval()), {"origin": path, "image_side": size, "channels": cfg.in_channels,
