@@ -327,8 +327,11 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) of two feature sets (rows = samples), the formula
     of Heusel et al. (2017). The square root of S1 S2 comes from the symmetric form
     (S1^(1/2) S2 S1^(1/2))^(1/2), whose eigenvalues are real and non-negative: exact 0 for identical sets."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    return frechet_from_stats(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+
+
+def frechet_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """The same distance from means and covariances (the form reference statistics files store)."""
     w, v = np.linalg.eigh(s1)  # S1 is symmetric PSD: its square root by eigendecomposition
     r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     m = r1 @ s2 @ r1
@@ -422,3 +425,14 @@ def load_model_config(name: str, results: str | None):
     node = OmegaConf.to_container(node, resolve=True)
     node.pop("_target_")
     return ModelSpec(**node)
+
+
+class SampleAll(nn.Module):
+    """The whole sampler from x_T as one module: what a backend times (and counts the MACs of) per image."""
+
+    def __init__(self, model: nn.Module, schedule: Schedule, steps: int):
+        super().__init__()
+        self.model, self.schedule, self.steps = model, schedule, steps
+
+    def forward(self, x_T: torch.Tensor) -> torch.Tensor:
+        return ddim_sample(self.model, x_T, self.schedule, self.steps)
