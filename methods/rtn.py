@@ -29,7 +29,7 @@ class RTN(ActivationQuantized, Method):
     symmetric: bool = False
     family: ClassVar[str] = "quantization"
     paper: ClassVar[str] = "Round-to-nearest baseline (as reported in Frantar et al., GPTQ, ICLR 2023)"
-    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr", "image_classifier")
+    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr", "image_classifier", "diffusion")
 
     def __post_init__(self):
         check_range("method.bits", self.bits, 2, 8)

@@ -5,7 +5,8 @@ activation ranges: the integer-deployment recipe (TensorRT / PyTorch static PTQ)
 - Weights: signed `w_bits` integers, symmetric, one scale per output channel (a conv's out x in x kh x kw
   weight as an out x (in kh kw) matrix); the scale's clipping ratio is searched per channel (MSE).
 - Activations (`a_bits`, null = fp32): the input of every quantized layer gets one static asymmetric range
-  per tensor, calibrated on `calib=` images (LR patches for SR, crops for classifiers): [lo, hi] =
+  per tensor, calibrated on `calib=` images (LR patches for SR, crops for classifiers; for diffusion models the
+  (x_t, t) their sampler meets from `calib=ddpm_noise8` noise): [lo, hi] =
   r x [min, max] with r from a grid, minimising the squared error of the quantized calibration activations
   (an MSE observer on a seeded subsample of each batch plus its exact min and max), on the model with its
   weights quantized.
@@ -31,6 +32,7 @@ from bench.quant.integer import load_int_layer, restore_bias, stored_int_layer, 
 CLIP_GRID = torch.linspace(1.0, 0.3, 15)  # clipping ratios tried for weights and activations
 CALIB_BATCH = 16
 SAMPLES_PER_BATCH = 8192  # activation values kept per layer per calibration batch for the range search
+DIFFUSION_CALIB_STEPS = 20  # DDIM steps of a diffusion model's calibration trajectories
 
 
 def quantize_weight(w: torch.Tensor, bits: int) -> IntQuantized:
@@ -78,7 +80,7 @@ class StaticPTQ(Method):
     keep_first_last: bool = True
     family: ClassVar[str] = "quantization"
     paper: ClassVar[str] = "Static post-training quantization (per-channel weights, calibrated per-tensor activations)"
-    applies_to: ClassVar[tuple[str, ...]] = ("image_sr", "image_classifier")
+    applies_to: ClassVar[tuple[str, ...]] = ("image_sr", "image_classifier", "diffusion")
     needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -161,11 +163,18 @@ class StaticPTQ(Method):
                 samples[name].append(torch.stack([x.min(), x.max()]).float())  # the range's true ends
             return hook
 
+        if model.kind == "diffusion":  # a denoiser takes (x_t, t): the (x_t, t) its own sampler meets
+            from bench.diffusion import calibration_inputs
+
+            xs, ts = calibration_inputs(model, calib, DIFFUSION_CALIB_STEPS)
+            batches = [(xs[s:s + 256], ts[s:s + 256]) for s in range(0, xs.shape[0], 256)]
+        else:
+            images = calib.windows * (model.info["input_range"] / 255.0)
+            batches = [(images[s:s + CALIB_BATCH],) for s in range(0, images.shape[0], CALIB_BATCH)]
         handles = [r.module.register_forward_pre_hook(keep(r.name)) for r in refs]
         try:
-            images = calib.windows * (model.info["input_range"] / 255.0)
-            for start in range(0, images.shape[0], CALIB_BATCH):
-                model.module(images[start:start + CALIB_BATCH])
+            for batch in batches:
+                model.module(*batch)
         finally:
             for h in handles:
                 h.remove()
