@@ -223,3 +223,19 @@ def test_fid_refuses_a_non_inception_extractor(tmp_path):
     task = DiffusionFID(inception_weights=str(tmp_path), download=False)  # no weights there: no FID, one line
     with pytest.raises(DataMissing, match="Inception weights"):
         task.extractor()
+
+
+def test_qdiffusion_splits_skip_concatenations_and_calibrates_over_all_timesteps(trained, calib):
+    from bench.methods.qdiffusion import QDiffusion, shortcut_splits
+
+    splits = shortcut_splits(trained[1].module)
+    assert splits and all(name.startswith("up.") for name in splits)
+    method = QDiffusion(w_bits=8, a_bits=8, calib_steps=10, interval=5)
+    packed = method.compress(models.clone(trained[1]), calib, TINY_BUDGET)
+    assert packed.info["calib_pairs"] == 4 * 2  # 4 noises x steps {0, 5} of 10
+    split_layers = [n for n in splits if n in packed.layers]
+    assert split_layers and all(packed.layers[n]["act_scale"].numel() == 2 for n in split_layers)
+    restored = method.restore(models.clone(trained[1]), packed.tensors(trained[1]), packed.metadata())
+    sched, x = diffusion.model_schedule(trained[1]), diffusion.seeded_noise(2, 8, 0)
+    a, b = (diffusion.ddim_sample(m, x, sched, 2) for m in (restored.model, packed.model))
+    assert torch.equal(a, b)
