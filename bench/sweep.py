@@ -59,13 +59,20 @@ def cell_hash(cfg) -> str:
     return tracking.config_hash(cell_identity(cfg))
 
 
+# Imported once by the fork server, so cells fork with them loaded. The runner imports transformers' model code
+# and MLflow's SQL store lazily, and those imports cost more than a small cell's whole run (measured: ~30 s of
+# a tiny-model cell beside a busy process, of which ~25 s imports).
+_FORKSERVER_PRELOAD = ["bench.runner", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
+                       "mlflow.store.tracking.sqlalchemy_store", "git"]
+
+
 def _cell_context():
     """Cells fork from a server process that imported the runner once (torch, transformers and MLflow cost
     seconds of CPU to import per cell under 'spawn'); 'spawn' where there is no forkserver."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["bench.runner"])
+    ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)
     return ctx
 
 
