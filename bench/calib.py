@@ -97,7 +97,7 @@ def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str
     else:
         rows = data.hub_rows(spec.hub_path, spec.hub_name, spec.split, spec.text_field)
         text = "\n\n".join(rows)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = data.token_ids(tokenizer, text)[0]
     if ids.numel() <= seqlen:
         raise BenchError(f"calibration set '{spec.name}' has {ids.numel()} tokens, fewer than seqlen={seqlen}",
                          "use a larger split or a smaller budget.calib_seqlen")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.errors import DataCorrupt, DataMissing
+
+if TYPE_CHECKING:
+    import torch
 
 _SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +86,55 @@ def hub_rows(path: str, name: str | None, split: str, field: str = "text") -> li
         raise DataMissing(f"could not load dataset {path}/{name} split {split}: {type(e).__name__}",
                           "check the name or set paths.data_root to local files") from e
     return list(ds[field])
+
+
+def cache_dir() -> Path:
+    """Derived data (token ids, lm-eval JSONL documents) under the results directory, never in the repo."""
+    return Path(os.environ.get("BENCH_RESULTS", "results")) / "data_cache"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str | None:
+    """A content hash of a fast tokenizer: its serialized pipeline plus what it returns for a probe (which also
+    captures BOS/EOS handling done outside the pipeline). None for tokenizers without a serialized form."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(backend.to_str().encode())
+    h.update(repr(tokenizer("probe text\n\nx").input_ids).encode())
+    return h.hexdigest()
+
+
+def token_ids(tokenizer, text: str) -> "torch.Tensor":
+    """`tokenizer(text).input_ids` as a (1, n) tensor, cached under `cache_dir()/tokens` by the text's and the
+    tokenizer's content hashes: WikiText-2 (300k tokens) costs seconds to tokenize, in every run and sweep cell."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from bench.cache import atomic_write
+
+    fingerprint = _tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return tokenizer(text, return_tensors="pt").input_ids
+    key = hashlib.sha256((fingerprint + hashlib.sha256(text.encode()).hexdigest()).encode()).hexdigest()[:32]
+    path = cache_dir() / "tokens" / f"{key}.npy"
+    if path.is_file():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False)).unsqueeze(0)
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # a damaged entry is rebuilt below
+    ids = tokenizer(text, return_tensors="pt").input_ids
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a path
+            np.save(f, ids[0].numpy())
+
+    try:
+        atomic_write(path, write)
+    except OSError:
+        pass  # a read-only results directory only costs the next run the tokenization again
+    return ids

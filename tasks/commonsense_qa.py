@@ -135,7 +135,7 @@ class CommonsenseQA(Task):
             if data.hub_offline():
                 raise data.missing(f"qa/{rel}", data_root)
             return {"task": task}  # the stock hub dataset
-        out = Path(os.environ.get("BENCH_RESULTS", "results")) / "data_cache" / f"{task}_{split}.jsonl"
+        out = data.cache_dir() / f"{task}_{split}.jsonl"
         lmeval.write_jsonl(load_local(task, path), out)
         return {"task": task, "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {split: str(out)}}, "training_split": None,

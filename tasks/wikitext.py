@@ -47,7 +47,7 @@ class WikiText2Perplexity(Task):
 
     def token_ids(self, model, data_root=None) -> torch.Tensor:
         rows = data.wikitext2_rows(self.split, data_root)
-        return model.tokenizer("\n\n".join(rows), return_tensors="pt").input_ids
+        return data.token_ids(model.tokenizer, "\n\n".join(rows))
 
     @torch.inference_mode()
     def evaluate(self, model, data_root=None) -> list[Metric]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from bench import data, lmeval
 from bench.errors import ConfigError, NumericalFailure
@@ -64,16 +63,10 @@ class WikiTextLmEval(Task):
                                    hub="EleutherAI/wikitext_document_level")
             return {"task": "wikitext"}  # stock: the hub's document-level dataset
         docs = wikitext_documents(data.read_text(path))
-        out = lmeval.write_jsonl([{"page": d} for d in docs], self._cache_dir() / "wikitext2_test_documents.jsonl")
+        out = lmeval.write_jsonl([{"page": d} for d in docs], data.cache_dir() / "wikitext2_test_documents.jsonl")
         return {"task": "wikitext", "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {"test": str(out)}},
                 "training_split": None, "validation_split": None, "test_split": "test"}
-
-    @staticmethod
-    def _cache_dir() -> Path:
-        import os
-
-        return Path(os.environ.get("BENCH_RESULTS", "results")) / "data_cache"
 
     def evaluate(self, model, data_root=None) -> list[Metric]:
         lm = lmeval.hflm(model, self.max_length, self.batch_size)
