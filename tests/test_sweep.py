@@ -19,21 +19,21 @@ def _statuses(runs):
     return sorted((r.data.tags.get("bench.method", "?"), r.info.status) for r in runs)
 
 
-def test_sweep_of_12_cells_with_one_failing(results_dir, tiny_llama_dir):
+def test_sweep_of_6_cells_with_failing_ones(results_dir, tiny_llama_dir):
     r = run_cli("-m", *tiny_cli_args(tiny_llama_dir), "compare_baseline=false", "method=rtn",
-                "method.bits=2,3,4,8", "method.group_size=16,32,200", results=results_dir)
-    # group_size=200 exceeds the tiny model's 128-wide layers: those 4 cells fail, the 8 others finish
+                "method.bits=2,4,8", "method.group_size=32,200", results=results_dir)
+    # group_size=200 exceeds the tiny model's 128-wide layers: those 3 cells fail, the 3 others finish
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "8 finished, 4 failed, 0 skipped, 0 unsupported" in r.stdout
+    assert "3 finished, 3 failed, 0 skipped, 0 unsupported" in r.stdout
     assert "group_size=200 does not fit in_features=128" in r.stdout
     runs = mlflow_runs(results_dir)
-    assert sorted(x.info.status for x in runs) == ["FAILED"] * 4 + ["FINISHED"] * 8
+    assert sorted(x.info.status for x in runs) == ["FAILED"] * 3 + ["FINISHED"] * 3
     assert all("group_size=200" in x.data.tags["error"] for x in runs if x.info.status == "FAILED")
     # re-running the same sweep skips every finished cell and re-runs only the failed ones
     r = run_cli("-m", *tiny_cli_args(tiny_llama_dir), "compare_baseline=false", "method=rtn",
-                "method.bits=2,3,4,8", "method.group_size=16,32,200", results=results_dir)
-    assert "0 finished, 4 failed, 8 skipped" in r.stdout
-    assert len([x for x in mlflow_runs(results_dir) if x.info.status == "FINISHED"]) == 8
+                "method.bits=2,4,8", "method.group_size=32,200", results=results_dir)
+    assert "0 finished, 3 failed, 3 skipped" in r.stdout
+    assert len([x for x in mlflow_runs(results_dir) if x.info.status == "FINISHED"]) == 3
 
 
 def test_a_crashing_cell_does_not_stop_the_sweep(results_dir, tiny_llama_dir):
@@ -51,7 +51,7 @@ def test_kill_mid_sweep_then_resume_loses_nothing_and_duplicates_nothing(results
     env = {**os.environ, "BENCH_RESULTS": str(results_dir), "PYTHONPATH": str(PLUGINS)}
     proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # generous: a loaded machine is slow, a fast one does not wait
     while time.time() < deadline:  # wait for the first finished cell's status file (not the store: it is
         done = [p for p in (results_dir / "sweeps").glob("*/*.json")]  # being created by the sweep itself)
         if any(json.loads(p.read_text())["status"] == "finished" for p in done):
