@@ -203,6 +203,8 @@ class Runner:
         recover = recover or Recovery()
         params = self._cell_config(method_cfg, recover)
         tags = self._tags(method, params, recover, model)
+        # scalar facts of the model as loaded (e.g. a suite-trained model's train_seconds), for the record
+        tags.update({f"model.{k}": str(v) for k, v in model.info.items() if isinstance(v, (int, float, str))})
         tags.update({"bench.method_family": type(method).family, "bench.method_paper": type(method).paper,
                      "bench.method_summary": _first_line(sys.modules[type(method).__module__].__doc__)})
         timings: dict[str, float] = {}
