@@ -4,6 +4,8 @@ through the runner with its sample grid and the cpu backend's diffusion workload
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -126,12 +128,15 @@ def test_hybrid_sd_switches_models_at_the_configured_step(trained, monkeypatch):
     del spec
 
 
-def test_fd_digits_run_end_to_end_with_grid_and_diffusion_workload(tmp_path, monkeypatch):
+def test_fd_digits_run_end_to_end_with_grid_and_diffusion_workload(trained, migrated_store, monkeypatch):
+    import shutil
+
     from tests.conftest import compose
 
     from bench.runner import Runner
 
-    results = tmp_path / "results"
+    results = Path(trained[0].results)  # the tiny DDPM is already trained and cached there
+    shutil.copy(migrated_store, results / "mlflow.db")
     monkeypatch.setenv("BENCH_RESULTS", str(results))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     recipe = [f"model.recipe.{k}={v}" for k, v in TINY_RECIPE.items() if k not in ("mults", "dataset")]
