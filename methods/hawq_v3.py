@@ -87,6 +87,9 @@ class HAWQV3(StaticPTQ):
         check_range("method.size_limit", self.size_limit, 0.0, 1.0)
         check_range("method.hutchinson_iters", self.hutchinson_iters, 1, 10_000)
         check_range("method.hessian_images", self.hessian_images, 1, 1 << 20)
+        if (self.w_bits, self.a_bits) != (8, 8):  # inherited from static_ptq, where they set the uniform bits
+            raise ConfigError(f"method.w_bits/a_bits ({self.w_bits}/{self.a_bits}) do not apply to hawq_v3: its ILP "
+                              "picks INT4 or INT8 per layer", "set method.size_limit (0 = all INT4, 1 = all INT8)")
 
     def layer_bits(self, model, refs, calib) -> dict[str, tuple[int, int]]:
         inner = refs[1:-1]  # the ILP's layers; the first and last are INT8

@@ -129,6 +129,14 @@ def test_hawq_v3_ilp_meets_the_size_limit_and_prefers_sensitive_layers():
     assert list(solve_bits(sens, sizes, 1.0)) == [8, 8, 8, 8]
 
 
+def test_hawq_v3_refuses_uniform_bits_it_would_ignore():
+    from bench.errors import ConfigError
+    from bench.methods.hawq_v3 import HAWQV3
+
+    with pytest.raises(ConfigError, match="do not apply to hawq_v3.*size_limit"):
+        HAWQV3(w_bits=4)
+
+
 def test_hutchinson_trace_matches_the_gauss_newton_diagonal():
     from bench.methods.hawq_v3 import hutchinson_traces
     from bench.models.vision import ConvAdapter
