@@ -4,15 +4,34 @@ warm-up come from `budget=`; the window order is a seeded permutation, reshuffle
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from bench.errors import NumericalFailure
+
+
+def frozen_student(teacher: nn.Module, make_layer: Callable[[nn.Module], nn.Module]):
+    """The student every distillation-based method trains: a copy of `teacher` with all its parameters frozen
+    and each block linear replaced by `make_layer(linear)`. Returns the student, its adapter and the new layers
+    by name in the adapter's order; only parameters the new layers create themselves require grad."""
+    from bench.models import adapter_for
+
+    student = copy.deepcopy(teacher)
+    adapter = adapter_for(student)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for ref in list(adapter.linears()):
+        layers[ref.name] = make_layer(ref.module)
+        adapter.replace_linear(ref, layers[ref.name])
+    return student, adapter, layers
 
 
 def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -28,9 +47,10 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             after_step: Callable[[], None] | None = None, attentions: bool = False,
             student_labels: bool = False) -> dict:
     """AdamW (weight decay from `budget=`, default 0) with linear warm-up then cosine decay to 0;
-    `loss_fn(teacher_out, student_out)` returns the loss and named parts for the progress bar; `after_step` (e.g. a projection onto constraints)
-    runs after each update. `attentions`: both outputs carry the attention maps (the caller makes attention
-    eager); `student_labels`: the student's output carries its LM loss on the window. Returns the record."""
+    `loss_fn(teacher_out, student_out)` returns the loss and named parts for the progress bar; `after_step`
+    (e.g. a projection onto constraints) runs after each update. `attentions`: both outputs carry the
+    attention maps (the caller makes attention eager); `student_labels`: the student's output carries its LM
+    loss on the window. Returns the record."""
     steps = budget.steps()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=budget.weight_decay)

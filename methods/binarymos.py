@@ -21,7 +21,6 @@ counted in bits per weight. Execution is fake-quant (fp32 matmul with a +/-1 mat
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill, kd_logits
+from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
-from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -110,28 +108,13 @@ class BinaryMoS(Method):
         if self.l2l_scale < 0:
             raise ValueError("l2l_scale must be >= 0")
 
-    def _convert(self, adapter) -> list[BinaryMoSLinear]:
-        torch.manual_seed(self.seed)  # router initialisation
-        mods = []
-        for ref in list(adapter.linears()):
-            m = BinaryMoSLinear.from_linear(ref.module, self.n_experts)
-            adapter.replace_linear(ref, m)
-            mods.append(m)
-        return mods
-
     def compress(self, model, calib, budget) -> Packed:
         teacher = model.module
-        student = copy.deepcopy(teacher)
-        s_adapter = adapter_for(student)
-        originals = {r.name: r.module.weight.detach().clone() for r in s_adapter.linears()}
-        mos = self._convert(s_adapter)
-        for p in student.parameters():
-            p.requires_grad_(False)
-        trainable = []
-        for m in mos:
-            for p in m.parameters():
-                p.requires_grad_(True)
-                trainable.append(p)
+        torch.manual_seed(self.seed)  # router initialisation
+        student, s_adapter, layers = frozen_student(
+            teacher, lambda linear: BinaryMoSLinear.from_linear(linear, self.n_experts))
+        mos = list(layers.values())
+        trainable = [p.requires_grad_(True) for m in mos for p in m.parameters()]  # the original bias too
 
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
                           "binarymos distillation")
@@ -148,7 +131,7 @@ class BinaryMoS(Method):
                           "router": m.router.weight.to(torch.float16)}
                 if m.bias is not None:
                     stored["bias"] = m.bias.to(torch.float16)
-                w0 = originals[ref.name]
+                w0 = teacher.get_submodule(ref.name).weight
                 # per-layer error of the token-averaged effective weight (experts mixed uniformly)
                 eff = m.weight * torch.outer(m.out_scale.mean(0), m.in_scale.mean(0))
                 packed.per_layer.append(layer_stats(ref, w0, eff))

@@ -25,7 +25,6 @@ weight. Execution: fake-quant (the planes are dequantized into a dense matrix; n
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill
+from bench.distill import distill, frozen_student
 from bench.errors import check_range
-from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
@@ -140,22 +138,13 @@ class DBLLM(Method):
 
     def compress(self, model, calib, budget) -> Packed:
         teacher = model.module
-        student = copy.deepcopy(teacher)
-        adapter = adapter_for(student)
-        for p in student.parameters():
-            p.requires_grad_(False)
-        mods = []
-        for ref in list(adapter.linears()):
-            m = DualBinaryLinear(ref.module, self.group_size)
-            adapter.replace_linear(ref, m)
-            mods.append(m)
-        trainable = [p for m in mods for p in (m.weight, m.alpha1, m.alpha2)]
+        student, adapter, final = frozen_student(teacher, lambda linear: DualBinaryLinear(linear, self.group_size))
+        trainable = [p for m in final.values() for p in (m.weight, m.alpha1, m.alpha2)]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
                           "dbllm dual-binarization distillation")
         packed = Packed(model.module, self.name, self.execution)
         zeros = 0.0
         with torch.no_grad():
-            final = {ref.name: m for ref, m in zip(adapter.linears(), mods)}
             for ref in model.adapter.linears():  # the artifact model: the original linears, dequantized
                 m = final[ref.name]
                 w_hat, b1, b2 = m.quantize()

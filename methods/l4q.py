@@ -14,7 +14,6 @@ learned s and z: the artifact is a plain integer model (packed codes, fp16 scale
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,9 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.distill import distill, kd_logits
+from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
-from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
@@ -95,22 +93,14 @@ class L4Q(Method):
 
     def compress(self, model, calib, budget) -> Packed:
         teacher = model.module
-        student = copy.deepcopy(teacher)
-        adapter = adapter_for(student)
-        for p in student.parameters():
-            p.requires_grad_(False)
         torch.manual_seed(self.seed)  # LoRA A initialisation
-        mods = []
-        for ref in list(adapter.linears()):
-            m = L4QLinear(ref.module, self.bits, self.group_size, self.rank, self.alpha)
-            adapter.replace_linear(ref, m)
-            mods.append(m)
-        trainable = [p for m in mods for p in (m.lora_a, m.lora_b, m.step, m.offset)]
+        student, adapter, final = frozen_student(
+            teacher, lambda linear: L4QLinear(linear, self.bits, self.group_size, self.rank, self.alpha))
+        trainable = [p for m in final.values() for p in (m.lora_a, m.lora_b, m.step, m.offset)]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
                           "l4q quantization-aware training")
         packed = Packed(model.module, self.name, self.execution)
         with torch.no_grad():
-            final = {ref.name: m for ref, m in zip(adapter.linears(), mods)}
             for ref in model.adapter.linears():  # the artifact model: the original linears, quantized weights
                 m = final[ref.name]
                 merged = m.merged()

@@ -21,7 +21,6 @@ Storage: 1 packed bit per weight + g (in) and h (out) in fp16 (+ bias), counted 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill, kd_logits
+from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
-from bench.models import adapter_for
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -112,16 +110,8 @@ class OneBit(Method):
 
     def compress(self, model, calib, budget) -> Packed:
         teacher = model.module
-        student = copy.deepcopy(teacher)
-        adapter = adapter_for(student)
-        originals = {r.name: r.module.weight.detach().clone() for r in adapter.linears()}
-        for p in student.parameters():
-            p.requires_grad_(False)
-        mods = []
-        for ref in list(adapter.linears()):
-            m = OneBitLinear.from_linear(ref.module)
-            adapter.replace_linear(ref, m)
-            mods.append(m)
+        student, adapter, layers = frozen_student(teacher, OneBitLinear.from_linear)
+        mods = list(layers.values())
         trainable = [p for m in mods for p in m.parameters()]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
                           "onebit distillation")
@@ -138,7 +128,7 @@ class OneBit(Method):
                     stored["bias"] = m.bias.half()
                 # per-layer error of the linear part (before the output LayerNorm) against the original weight
                 effective = m.weight * torch.outer(m.out_scale, m.in_factor)
-                packed.per_layer.append(layer_stats(ref, originals[ref.name], effective))
+                packed.per_layer.append(layer_stats(ref, teacher.get_submodule(ref.name).weight, effective))
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = "onebit-1bit-svid-fp16+layernorm"
         packed.info.update(history)
