@@ -9,9 +9,11 @@ from conftest import mlflow_runs, run_cli, tiny_cli_args
 def test_every_shipped_plugin_config_builds():
     """Each YAML of each plug-in group, composed as the CLI composes it, instantiates its dataclass."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     import bench.app  # noqa: F401  (registers the config's resolvers, as the CLI does)
+    from bench.errors import ResourceError
 
     root = Path(__file__).parents[1] / "configs"
     with initialize_config_dir(config_dir=str(root), version_base=None):
@@ -19,7 +21,12 @@ def test_every_shipped_plugin_config_builds():
             for path in sorted((root / group).glob("*.yaml")):
                 extra = ["model.name_or_path=org/some-model"] if (group, path.stem) == ("model", "hf") else []
                 cfg = compose(config_name="config", overrides=[f"{group}={path.stem}", *extra])
-                obj = instantiate(cfg[group], _convert_="all")
+                try:
+                    obj = instantiate(cfg[group], _convert_="all")
+                except InstantiationException as e:  # a backend for hardware this machine lacks (cuda without
+                    if group == "hardware" and isinstance(e.__cause__, ResourceError):  # a GPU): its one line is
+                        continue  # tested beside it (tests/test_cuda_backend.py)
+                    raise
                 assert obj.name == path.stem or group == "model", path
         for path in sorted((root / "budget_recipe").glob("*.yaml")):  # paper_<method>: that method's recipe
             budget, method = path.stem.split("_", 1)
