@@ -278,7 +278,7 @@ class Runner:
         out = {}
         for m in task_metrics:
             d = again.get(m.name)
-            if d is None:
+            if d is None or m.name.startswith("cost."):  # MACs/params describe the architecture, not the run
                 continue
             if not d.finite:
                 raise NumericalFailure(f"metric {m.name} on the deployed model ({deployed.execution}) is {d.value}",
