@@ -18,7 +18,8 @@ lives in its own venv (`.venv-litert`, `bash hardware/tflite_setup.sh`) and runs
 torch.export at one static input shape, the subprocess converts and quantizes, the main process runs the file.
 A .tflite has static shapes (RLFN's dynamic-shape conversion fixed its output shape), so a model is converted
 once per input shape it meets (each image size of an SR set, the evaluation batch, the timed workload); files are
-cached under `cache_dir` by a hash of the weights, shape, recipe and converter code.
+cached under `cache_dir` by a hash of the weights, shape, recipe, calibration inputs and converter code. A full_int8
+file takes and gives int8 tensors: inputs are quantized and outputs dequantized with the file's own parameters.
 
 What it executes, and what it refuses (`supports`): dense float models under any recipe; integer weight grids of
 4..8 bits under a recipe whose weight grid holds them (an int4 model needs weight_only_int4, an int5..8 model an
@@ -59,6 +60,7 @@ from bench.plugins import Backend, Measurement, Workload
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("tflite_convert.py")
 SETUP = "bash hardware/tflite_setup.sh"
+EXPORT_VERSION = "1"  # part of the cache key with the worker's code: bump when the export below changes
 # recipe -> (weight grid bits it stores, activation handling, arithmetic of its MACs for the energy estimate)
 RECIPES = {
     "fp32": (32, "fp32", "fp32"), "fp16": (16, "fp32", "fp32"),
@@ -193,9 +195,7 @@ class TfliteBackend(Backend):
             runner = packed.info["tflite"]
         timer = timing.Timer(self.warmup, self.min_reps, self.min_seconds)
         x = workload.inputs if workload.kind == "image" else workload.prompt_ids
-        interp = runner.interpreter(x)
-        inp = interp.get_input_details()[0]
-        interp.set_tensor(inp["index"], x.numpy().astype(inp["dtype"]))
+        interp = runner.set_input(x)
         rapl = energy.RaplMeter()
         if rapl.readable:
             rapl.start()
@@ -274,12 +274,28 @@ class LiteRTModel:
             self._interp[k] = interp
         return self._interp[k]
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def set_input(self, x: torch.Tensor):
+        """The interpreter for x's shape with x in its input tensor; a full-int8 file takes int8 input, quantized
+        here with the file's own scale and zero point."""
         interp = self.interpreter(x)
-        inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-        interp.set_tensor(inp["index"], x.detach().cpu().numpy().astype(inp["dtype"]))
+        inp = interp.get_input_details()[0]
+        a = x.detach().cpu().numpy()
+        scale, zero = inp["quantization"]
+        if scale and np.issubdtype(inp["dtype"], np.integer):
+            info = np.iinfo(inp["dtype"])
+            a = np.clip(np.round(a / scale + zero), info.min, info.max)
+        interp.set_tensor(inp["index"], a.astype(inp["dtype"]))
+        return interp
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        interp = self.set_input(x)
         interp.invoke()
-        return torch.from_numpy(interp.get_tensor(out["index"]).copy())
+        out = interp.get_output_details()[0]
+        y = interp.get_tensor(out["index"]).copy()
+        scale, zero = out["quantization"]
+        if scale and np.issubdtype(out["dtype"], np.integer):  # int8 output: dequantized as the file says
+            y = (y.astype(np.float32) - zero) * scale
+        return torch.from_numpy(y)
 
     # -- conversion ------------------------------------------------------------------------------------------
     def _export_module(self) -> nn.Module:
@@ -307,7 +323,7 @@ class LiteRTModel:
         recipe = b.recipe
         calib_desc = ""
         h = hashlib.sha256()
-        for part in (self._weights_sha, self.key(x), recipe, WORKER.read_bytes(), Path(__file__).read_bytes()):
+        for part in (self._weights_sha, self.key(x), recipe, WORKER.read_bytes(), EXPORT_VERSION):
             h.update(part if isinstance(part, bytes) else part.encode())
         calib_rows = None
         if recipe == "full_int8":
