@@ -213,7 +213,10 @@ class FpgaSimBackend(Backend):
         source = "sim:zigzag"
         m = {f"latency.{label}.sim_cycles": cycles, f"latency.{label}.sim_s": cycles / float(self.spec["clock_hz"]),
              "sim.mac_utilization": sum(la["utilization"] * la["macs"] for la in layers) / max(macs, 1),
-             "sim.macs": float(macs), energy.metric_name("j_per_image", source): pj * 1e-12}
+             "sim.macs": float(macs), energy.metric_name("j_per_image", source): pj * 1e-12,
+             # the split says where bits matter: memory traffic follows operand widths, MAC energy does not
+             energy.metric_name("mac_j_per_image", source): sum(la["mac_energy_pj"] for la in layers) * 1e-12,
+             energy.metric_name("memory_j_per_image", source): sum(la["mem_energy_pj"] for la in layers) * 1e-12}
         for la in layers:
             n = la["layer"]
             m[f"sim.layer.{n}.cycles"] = la["cycles"]
@@ -222,7 +225,7 @@ class FpgaSimBackend(Backend):
             m[energy.metric_name(f"layer_pj.{n}", source)] = la["energy_pj"]
         from importlib.metadata import version
 
-        tags = {"execution": f"simulated ({self.spec['name']})", "energy_source": source,
+        tags = {"execution": f"simulated ({self.spec['name']})", "energy_source": source, "threads": "n/a (simulated)",
                 "accelerator": self.spec["name"], "accelerator_file": self.spec["path"],
                 "accelerator_clock_hz": str(self.spec["clock_hz"]), "zigzag_version": version("zigzag-dse"),
                 "zigzag_search": f"loma lpf_limit={self.lpf_limit} spatial_mappings={self.spatial_mappings} "

@@ -45,6 +45,8 @@ def test_per_layer_cycles_energy_and_bits():
     total = m8.metrics[energy.metric_name("j_per_image", "sim:zigzag")]
     per_layer = sum(m8.metrics[energy.metric_name(f"layer_pj.{n}", "sim:zigzag")] for n in ("c1", "c2", "fc"))
     assert total == pytest.approx(per_layer * 1e-12)
+    split = [m8.metrics[energy.metric_name(q, "sim:zigzag")] for q in ("mac_j_per_image", "memory_j_per_image")]
+    assert all(v > 0 for v in split) and sum(split) == pytest.approx(total)
     m4 = measure({"c1": "int8-sym-ch", "c2": "int4-sym-ch", "fc": "int8-sym-ch"})
     c2 = energy.metric_name("layer_pj.c2", "sim:zigzag")
     assert m4.metrics["sim.layer.c2.w_bits"] == 4
