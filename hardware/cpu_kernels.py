@@ -161,7 +161,8 @@ class MatMulNBitsLinear(nn.Module):
 def torch_dynamic_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                        bias: torch.Tensor | None) -> nn.Module:
     """torch's dynamic int8 linear on the method's per-channel codes: qint8 = code - 128, zero point shifted
-    alike (0 for the symmetric grid, whose centre code is 128)."""
+    alike (0 for the symmetric grid, whose centre code is 128). torch 2.13 warns that creating quantized
+    tensors is deprecated (pytorch#184982); the kernel itself is unchanged and runs."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     n, k = codes.shape
