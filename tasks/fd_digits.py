@@ -9,7 +9,9 @@ Protocol:
 - `fd_lenet`: Frechet distance (Heusel et al. 2017's formula) between the LeNet penultimate (84-d)
   features of the samples and of the reference set (`reference`: all 1797 real images of the dataset the
   model was trained on). The LeNet is trained by the suite (bench.diffusion.ClassifierRecipe), cached by
-  content hash; its held-out top-1 is recorded beside it.
+  content hash; its held-out top-1 is recorded beside it, and so is (in the notes) the distance of a seeded
+  subset of as many real images to the same reference: what real digits score at this N (they are part of
+  the reference, so it is a point of comparison, not a bound).
 - Teacher fidelity: the same noise through the uncompressed model (the base weights the run started from,
   reloaded from the model spec, its samples cached by weights sha256): per-sample MSE and PSNR of the
   images on the [0, 1] pixel scale. PSNR of identical images is infinite; it is capped at 100 dB and the
@@ -114,6 +116,10 @@ class DigitsFrechet(Task):
         f_s = lenet.features(samples.clamp(-1, 1)).double().numpy()
         f_r = lenet.features(data.images).double().numpy()
         fd = diffusion.frechet_distance(f_s, f_r)
+        # context for the number: a seeded subset of as many real images scores this against the same reference
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(f_r), generator=g)[:min(self.n_samples, len(f_r))].numpy()
+        floor = diffusion.frechet_distance(f_r[idx], f_r)
         # teacher fidelity on the [0, 1] pixel scale
         a, b = (samples.clamp(-1, 1) + 1) / 2, (teacher.clamp(-1, 1) + 1) / 2
         mse = (a - b).pow(2).flatten(1).mean(1).double()
@@ -124,6 +130,7 @@ class DigitsFrechet(Task):
             Metric(f"{ds}.fd_lenet.{self.tag}.{ref}", fd, "lower",
                    notes={**common, "extractor": "LeNet-5 trained by the suite, 84-d penultimate ReLU features",
                           "extractor_heldout_top1": lrec.get("heldout_top1"), "reference": ref,
+                          "real_subset_same_n_fd": floor,
                           "not": "FID (no Inception-v3 features)"}),
             Metric(f"{ds}.teacher_mse.{self.tag}", float(mse.mean()), "lower", "pixel^2 on [0,1]",
                    stderr=float(mse.std(unbiased=True) / math.sqrt(len(mse))), per_sample=mse.tolist(),
