@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.errors import ResourceError
-from conftest import run_cli
+from conftest import compose
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the backend runs")
 
@@ -15,19 +15,20 @@ LINE = (f"bench: error: hardware 'cuda' needs an NVIDIA GPU, but torch {torch.__
         "run on a machine with a GPU and a CUDA build of torch, or choose hardware=cpu or hardware=cpu_kernels\n")
 
 
-def test_cuda_without_a_gpu_is_one_line_before_anything_runs(results_dir):
+def test_cuda_without_a_gpu_is_one_line_before_anything_runs(results_dir, capsys):
+    """What `python -m bench hardware=cuda` does, in-process (a subprocess costs seconds): the Runner is built
+    from the composed config, its error printed by the CLI's own printer."""
     if torch.version.cuda is not None:
         pytest.skip("a CUDA build of torch without a visible GPU gives the other line")
-    r = run_cli("hardware=cuda", "threads=1", results=results_dir)
-    assert (r.returncode, r.stderr) == (2, LINE)
+    from bench import app
+    from bench.runner import Runner
+
+    with pytest.raises(ResourceError) as raised:
+        Runner(compose("hardware=cuda", "threads=1", f"paths.results={results_dir}"))
+    with pytest.raises(SystemExit) as exited:
+        app._fail(raised.value)
+    assert (exited.value.code, capsys.readouterr().err) == (2, LINE)
     assert not (results_dir / "mlflow.db").exists()
-
-
-def test_backend_refuses_to_build_without_a_gpu():
-    from bench.hardware.cuda import CudaBackend
-
-    with pytest.raises(ResourceError, match="hardware 'cuda' needs an NVIDIA GPU"):
-        CudaBackend(threads=1)
 
 
 def test_missing_nvml_is_a_reason_not_an_error(monkeypatch):
