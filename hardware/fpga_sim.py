@@ -59,6 +59,8 @@ def layer_bits(label: str | None, default_bits: int) -> tuple[int, int] | str:
     m = _INT.search(w)
     if not m:
         return f"layer format '{label}' is not an integer grid"
+    if re.search(r"\+(lora|dora|rora)", low):
+        return f"recovery adapters ({label}): the adapter branch is not part of the simulated layer"
     a = _ACT.search(low)
     act = int(a.group(1)) if a and int(a.group(1)) < 32 else default_bits
     if "+" in low and not a:

@@ -96,6 +96,8 @@ def layer_reason(label: str, recipe: str) -> str | None:
                 f"use hardware.recipe={'weight_only_int4' if bits == 4 else 'dynamic_int8'}")
     if bits > w_bits:
         return f"{bits}-bit weights ({label}) do not fit recipe {recipe}'s int{w_bits} grid; use an int8 recipe"
+    if re.search(r"\+(lora|dora|rora)", low):
+        return f"recovery adapters ({label}): the recipe would quantize the adapter branch, unlike the method"
     a = _ACT.search(low)
     if a and a.group(0) not in ("+a16", "+a32"):
         if a.group(2) or int(a.group(1)) != 8:

@@ -59,6 +59,7 @@ def test_per_layer_cycles_energy_and_bits():
     ({"c1": "fp4_e2m1-ch"}, EXECUTION_FAKE_QUANT, "floating-point"),
     ({"c1": "int8-sym-ch+fp4_e2m1-per_token-dynamic"}, EXECUTION_FAKE_QUANT, "activation format"),
     ({"c1": "magnitude-50%-fp16"}, EXECUTION_SPARSE_AS_DENSE, "sparse"),
+    ({"c1": "int4-asym-ch+lora64"}, EXECUTION_FAKE_QUANT, "recovery adapters"),
 ])
 def test_capability_table_refuses(fmt, execution, reason):
     b = backend()

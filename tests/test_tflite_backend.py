@@ -67,6 +67,7 @@ def test_missing_venv_raises_resource_error(tmp_path):
     ("e2m1-ch+a32", "weight_only_int4", "FP8/FP6/FP4"),
     ("int4-sym-ch+a4-per_tensor-static", "full_int8", "int8 only"),
     ("int8-sym-g128+fp4_e2m1-per_token-dynamic", "dynamic_int8", "int8 only"),
+    ("int4-asym-g128+lora64", "weight_only_int4", "recovery adapters"),
 ])
 def test_capability_table(label, recipe, refused):
     from bench.hardware.tflite import layer_reason
