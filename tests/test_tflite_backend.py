@@ -52,7 +52,9 @@ def test_missing_venv_raises_resource_error(tmp_path):
     ("int8-sym-ch", "dynamic_int8", None),
     ("int8-sym-ch+a8-per_tensor-static", "full_int8", None),
     ("int8-sym-ch+a8-per_tensor-static", "weight_only_int8", "would run in fp32"),
-    ("int4-asym-g128", "weight_only_int4", None),
+    ("int4-sym-ch", "weight_only_int4", None),
+    ("int4-asym-g128", "weight_only_int4", "re-quantizes int4 weights per output channel"),
+    ("int8-asym-ch", "dynamic_int8", "re-quantizes int8 weights per output channel"),
     ("gptq-int4-sym-g128-actorder", "dynamic_int8", None),  # a 4-bit grid held in int8 containers
     ("int8-sym-ch", "weight_only_int4", "do not fit"),
     ("int4-asym-g128", "fp32", "fake-quant"),
