@@ -43,9 +43,6 @@ def shortcut_splits(unet) -> dict[str, int]:
 @dataclass
 class QDiffusion(StaticPTQ):
     name: str = "qdiffusion"
-    w_bits: int = 8
-    a_bits: int | None = 8
-    keep_first_last: bool = True
     calib_steps: int = 50  # DDIM steps of the full-precision calibration trajectories
     interval: int = 5  # keep every interval-th step's x_t: uniform over the denoising process
     shortcut_split: bool = True
