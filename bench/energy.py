@@ -37,8 +37,11 @@ class RaplMeter:
     def _read(self) -> list[int]:
         return [int((z / "energy_uj").read_text()) for z in self.zones]
 
-    def start(self):
-        self._t0 = self._read()
+    def start(self) -> "RaplMeter":
+        """Begin a measured interval (nothing to do when RAPL is not readable)."""
+        if self.readable:
+            self._t0 = self._read()
+        return self
 
     def stop_joules(self) -> float:
         t1 = self._read()
@@ -61,6 +64,18 @@ def estimate_joules(macs: dict[str, float], weight_bytes: float) -> float:
 def estimate_dense_joules(macs: float, weight_bytes: float) -> float:
     """Op-count estimate: MACs at fp32 multiply+add energy plus one DRAM read per 32 bits of weights."""
     return estimate_joules({"fp32": macs}, weight_bytes)
+
+
+def record(metrics: dict, tags: dict, quantity: str, rapl: RaplMeter, measured, estimate) -> None:
+    """Store one energy value under its source's name: `measured(joules)` converts the RAPL joules of the
+    interval begun by `rapl.start()` into the quantity when RAPL is readable; otherwise `estimate()` gives the
+    op-count estimate, labelled `model:<table>` (both callables, so only the applicable one runs)."""
+    if rapl.readable:
+        source, value = "rapl", measured(rapl.stop_joules())
+    else:
+        source, value = f"model:{HOROWITZ_TABLE}", estimate()
+    tags["energy_source"] = source
+    metrics[metric_name(quantity, source)] = value
 
 
 def metric_name(quantity: str, source: str) -> str:

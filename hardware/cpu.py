@@ -57,23 +57,16 @@ class CpuBackend(Backend):
         if workload.kind == "diffusion":
             return self._measure_diffusion(packed, workload)
         model = packed.model
-        rapl = energy.RaplMeter()
-        if rapl.readable:
-            rapl.start()
+        rapl = energy.RaplMeter().start()
         lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens, self.timer)
         m, pre_p50, n_prompt = lat.metrics, lat.prefill_p50_s, lat.n_prompt
         memory, n_weights = timing.host_memory(model)
         m.update(memory)
         tags = self._tags(packed)
-        if rapl.readable:
-            joules = rapl.stop_joules()
-            tags["energy_source"] = "rapl"
-            value = joules / max(lat.timed_s, 1e-9) * pre_p50 / n_prompt
-        else:
-            # Estimate for one prefill token: ~1 MAC per weight; weights streamed from DRAM once per prefill.
-            value = energy.estimate_dense_joules(n_weights, 4 * n_weights / n_prompt)
-            tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
-        m[energy.metric_name("prefill_j_per_token", tags["energy_source"])] = value
+        # the estimate for one prefill token: ~1 MAC per weight; weights streamed from DRAM once per prefill
+        energy.record(m, tags, "prefill_j_per_token", rapl,
+                      measured=lambda joules: joules / max(lat.timed_s, 1e-9) * pre_p50 / n_prompt,
+                      estimate=lambda: energy.estimate_dense_joules(n_weights, 4 * n_weights / n_prompt))
         return Measurement(m, tags)
 
     def _measure_diffusion(self, packed: Packed, workload: Workload) -> Measurement:
@@ -93,21 +86,15 @@ class CpuBackend(Backend):
         from bench.image import count_macs
 
         model, x = packed.model, workload.inputs
-        rapl = energy.RaplMeter()
-        if rapl.readable:
-            rapl.start()
+        rapl = energy.RaplMeter().start()
         times = self.timer.times(lambda: model(x))
         prefix = f"latency.{workload.label or 'forward'}"
         m = timing.stats(prefix, times)
         memory, n_weights = timing.host_memory(model)
         m.update(memory)
         tags = self._tags(packed)
-        if rapl.readable:
-            tags["energy_source"] = "rapl"
-            # average power over the timed runs (warm-up included, as for the LM workload) x median time
-            value = rapl.stop_joules() / max(sum(times), 1e-9) * m[f"{prefix}.p50_s"] / x.shape[0]
-        else:
-            value = energy.estimate_dense_joules(count_macs(model, x[:1]), 4 * n_weights)
-            tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
-        m[energy.metric_name("j_per_image", tags["energy_source"])] = value
+        # measured: average power over the timed runs (warm-up included, as for the LM workload) x median time
+        energy.record(m, tags, "j_per_image", rapl,
+                      measured=lambda joules: joules / max(sum(times), 1e-9) * m[f"{prefix}.p50_s"] / x.shape[0],
+                      estimate=lambda: energy.estimate_dense_joules(count_macs(model, x[:1]), 4 * n_weights))
         return Measurement(m, tags)

@@ -283,9 +283,7 @@ class CpuKernelsBackend(Backend):
                                            "for image models")
         torch.set_num_threads(self.threads)
         model = packed.model
-        rapl = energy.RaplMeter()
-        if rapl.readable:
-            rapl.start()
+        rapl = energy.RaplMeter().start()
         lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens,
                                timing.Timer(self.warmup, self.min_reps, self.min_seconds))
         m = lat.metrics
@@ -296,18 +294,14 @@ class CpuKernelsBackend(Backend):
         memory["memory.model_resident_bytes"] += kernel_bytes
         m.update(memory)
         tags = self._tags(packed, kernels)
-        if rapl.readable:
-            tags["energy_source"] = "rapl"
-            value = rapl.stop_joules() / max(lat.timed_s, 1e-9) * lat.prefill_p50_s / lat.n_prompt
-        else:
-            # one prefill token: 1 MAC per weight at the arithmetic that performs it; every weight byte
-            # (kernels: as stored, torch: fp32) streamed from DRAM once per prefill
-            macs = Counter({"fp32": float(n_torch)})
-            for k in kernels:
-                macs[k.mac_kind] += k.in_features * k.out_features
-            value = energy.estimate_joules(dict(macs), (kernel_bytes + 4 * n_torch) / lat.n_prompt)
-            tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
-        m[energy.metric_name("prefill_j_per_token", tags["energy_source"])] = value
+        # the estimate for one prefill token: 1 MAC per weight at the arithmetic that performs it; every weight
+        # byte (kernels: as stored, torch: fp32) streamed from DRAM once per prefill
+        macs = Counter({"fp32": float(n_torch)})
+        for k in kernels:
+            macs[k.mac_kind] += k.in_features * k.out_features
+        energy.record(m, tags, "prefill_j_per_token", rapl,
+                      measured=lambda joules: joules / max(lat.timed_s, 1e-9) * lat.prefill_p50_s / lat.n_prompt,
+                      estimate=lambda: energy.estimate_joules(dict(macs), (kernel_bytes + 4 * n_torch) / lat.n_prompt))
         return Measurement(m, tags)
 
     def _tags(self, packed: Packed, kernels: list) -> dict[str, str]:

@@ -206,9 +206,7 @@ class TfliteBackend(Backend):
         timer = timing.Timer(self.warmup, self.min_reps, self.min_seconds)
         x = workload.inputs if workload.kind == "image" else workload.prompt_ids
         interp = runner.set_input(x)
-        rapl = energy.RaplMeter()
-        if rapl.readable:
-            rapl.start()
+        rapl = energy.RaplMeter().start()
         times = timer.times(interp.invoke)
         conv = runner.converted[runner.key(x)]
         if workload.kind == "image":
@@ -232,17 +230,14 @@ class TfliteBackend(Backend):
                 "tflite_sha256": conv.get("sha256", ""), "tflite_cache": conv.get("cache", "")}
         if workload.kind != "image":
             tags["decode"] = "not measured: the converted graph is a full-sequence prefill without a KV cache"
-        if rapl.readable:
-            tags["energy_source"] = "rapl"
-            value = rapl.stop_joules() / max(sum(times), 1e-9) * p50 / per
-        else:
-            # per image: the counted MACs by the recipe's arithmetic + the .tflite weights read once;
-            # per prefill token: ~1 MAC per weight, the weights read once per prefill
-            mac_kind = RECIPES[self.recipe][2]
-            value = energy.estimate_joules({mac_kind: macs}, conv["bytes"] / (1 if workload.kind == "image" else per))
-            tags["energy_source"] = f"model:{energy.HOROWITZ_TABLE}"
+        # the estimate per image: the counted MACs by the recipe's arithmetic + the .tflite weights read once;
+        # per prefill token: ~1 MAC per weight, the weights read once per prefill
+        mac_kind = RECIPES[self.recipe][2]
+        energy.record(m, tags, quantity, rapl, measured=lambda joules: joules / max(sum(times), 1e-9) * p50 / per,
+                      estimate=lambda: energy.estimate_joules({mac_kind: macs},
+                                                              conv["bytes"] / (1 if workload.kind == "image" else per)))
+        if not rapl.readable:
             tags["energy_macs_as"] = mac_kind
-        m[energy.metric_name(quantity, tags["energy_source"])] = value
         return Measurement(m, tags)
 
 
