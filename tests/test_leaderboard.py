@@ -178,3 +178,28 @@ def test_a_failed_run_without_any_finished_result_is_listed(results_dir):
     pages, orphans = build_pages(results_dir)
     assert pages == [] and [(o["task"], o["status"]) for o in orphans] == [("qa", "FAILED")]
     assert "out of memory in block 3" in build_site(results_dir).read_text()
+
+
+def test_a_backends_deployed_accuracy_is_shown_beside_the_torch_one(results_dir):
+    from bench import tracking
+    from bench.leaderboard.collect import build_pages
+    from bench.leaderboard.site import build_site, records
+
+    tracking.setup(results_dir)
+    for hardware, extra, tags in [("cpu", {}, {}),
+                                  ("cpu_kernels", {"t.ppl.deployed": 10.73, "t.ppl.deployed_minus_fake_quant": 0.73},
+                                   {"bench.deployed_execution": "ort-matmulnbits-int4-b128-acc4"})]:
+        with tracking.Run("r", {"method": {"name": "rtn", "bits": 4}, "seed": 0},
+                          {"bench.method": "rtn", "bench.task": "t", "bench.model": "x", "bench.seed": "0",
+                           "bench.hardware": hardware, "metric.t.ppl.direction": "lower",
+                           "bench.primary_metric": "t.ppl", **tags}) as run:
+            run.metrics({"t.ppl": 10.0, **extra})
+    [page], _ = build_pages(results_dir)
+    [row] = page.rows
+    assert row.value == 10.0  # the row's accuracy is the primary (cpu, torch) run's
+    assert row.backends["cpu"].deployed_value is None
+    assert row.backends["cpu_kernels"].deployed_value == 10.73
+    [rec] = records([page])
+    assert rec["cpu_kernels.deployed_execution"] == "ort-matmulnbits-int4-b128-acc4"
+    html = (build_site(results_dir).parent / f"{page.slug}.html").read_text()
+    assert "deployed (ort-matmulnbits-int4-b128-acc4): 10.73" in html

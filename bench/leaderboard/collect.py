@@ -43,6 +43,8 @@ class BackendCell:
     execution: str = ""
     threads: str = ""
     run_id: str = ""
+    deployed_value: float | None = None  # the page's headline metric re-measured on what this backend ran
+    deployed_execution: str = ""  # e.g. ort-matmulnbits-int4-b128-acc4, litert-xnnpack-fp32
 
 
 @dataclass
@@ -164,10 +166,12 @@ def _artifact_json(client, run, name: str):
     return None
 
 
-def _backend_cell(run) -> BackendCell:
+def _backend_cell(run, head: str) -> BackendCell:
     t, m = run.data.tags, run.data.metrics
     cell = BackendCell(t.get("bench.hardware", "?"), "measured", run_id=run.info.run_id,
-                       execution=t.get("bench.execution", ""), threads=t.get("hardware.threads", ""))
+                       execution=t.get("bench.execution", ""), threads=t.get("hardware.threads", ""),
+                       deployed_value=m.get(f"{head}.deployed"),
+                       deployed_execution=t.get("bench.deployed_execution", ""))
     if t.get("bench.hardware_status") == "unsupported":
         cell.status, cell.reason = "unsupported", t.get("bench.hardware_unsupported", "")
         return cell
@@ -255,7 +259,7 @@ def _make_row(client, runs: list, head: str) -> Row:
         per_seed.setdefault(r.data.tags.get("bench.seed", "?"), r)
     row.runs = list(per_seed.values())
     for b, rs in by_backend.items():
-        row.backends[b] = _backend_cell(rs[0])
+        row.backends[b] = _backend_cell(rs[0], head)
     metric_names = set().union(*(_task_metrics(r) for r in row.runs))
     for name in metric_names:
         vals = [r.data.metrics[name] for r in row.runs if name in r.data.metrics]

@@ -69,7 +69,8 @@ def records(pages: list[Page]) -> list[dict]:
                 rec.update({f"{b}.status": c.status, f"{b}.prefill_ms": c.prefill_ms,
                             f"{b}.decode_tokens_per_s": c.decode_tokens_per_s,
                             f"{b}.energy_j_per_token": c.energy_j_per_token, f"{b}.energy_source": c.energy_source,
-                            f"{b}.execution": c.execution})
+                            f"{b}.execution": c.execution, f"{b}.deployed_value": c.deployed_value,
+                            f"{b}.deployed_execution": c.deployed_execution})
             out.append(rec)
     return out
 
