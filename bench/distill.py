@@ -42,6 +42,20 @@ def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
                     reduction="batchmean") * (t * t)
 
 
+def adamw_cosine(params, budget, steps: int):
+    """AdamW (lr and weight decay from `budget=`) with linear warm-up over `budget.warmup_ratio` of the steps,
+    then cosine decay to 0 (HF's "cosine" schedule): the optimizer every distillation loop here uses."""
+    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=budget.weight_decay)
+    warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
+
+    def lr_at(step):
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
 def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str,
             after_step: Callable[[], None] | None = None, attentions: bool = False,
@@ -53,15 +67,7 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
     loss on the window. Returns the record."""
     steps = budget.steps()
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=budget.weight_decay)
-    warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
-
-    def lr_at(step):  # HF "cosine" schedule
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = adamw_cosine(params, budget, steps)
     teacher.eval()
     student.train()
     losses = []
