@@ -1,7 +1,7 @@
 """Efficient x4 super-resolution networks in plain torch, loading the published checkpoints strictly.
 
-Five architectures from the NTIRE efficient-SR line, each ported from its reference code (module and
-attribute names follow the reference so the shipped state_dicts load with strict=True):
+Five architectures from the NTIRE efficient-SR line and DITN, each ported from its reference code (module and
+attribute names follow the reference so the published state_dicts load with strict=True):
 
 - RLFN, RLFN-S: Kong et al., "Residual Local Feature Network for Efficient Super-Resolution", CVPRW 2022
   (bytedance/RLFN model/rlfn.py, model/rlfn_s.py, model/block.py).
@@ -12,6 +12,9 @@ attribute names follow the reference so the shipped state_dicts load with strict
   (ofsoundof/NTIRE2022_ESR models/imdn_baseline.py, models/basicblock.py IMDBlock).
 - RFDN: Liu et al., "Residual Feature Distillation Network for Lightweight Image Super-Resolution",
   ECCVW 2020 (ofsoundof/NTIRE2022_ESR models/rfdn_baseline/{RFDN,block}.py).
+- DITN: Liu et al., "Unfolding Once is Enough: A Deployment-Friendly Transformer Unit for Super-Resolution",
+  ACM MM 2023 (yongliuy/DITN models/DITN_Real.py). No DITN weights are offline: it is for users who have them
+  (put them at its checkpoint path under the data root); input range [0, 1] as the reference's test script.
 
 Every model maps (N, 3, h, w) in its own input range (`SRArch.input_range`: 255 or 1) to (N, 3, 4h, 4w) in
 the same range. Nothing is rescaled or clamped inside: the caller owns ranges and rounding.
@@ -262,6 +265,136 @@ class RFDN(nn.Module):
         return self.upsampler(self.LR_conv(self.c(torch.cat(outs, dim=1))) + feat)
 
 
+# --- DITN ------------------------------------------------------------------------------------------
+
+
+class _GatedFFN(nn.Module):
+    """DITN's feed-forward: 1x1 conv to 2 x hidden, depthwise 3x3, GELU(first half) x second half, 1x1 conv."""
+
+    def __init__(self, dim: int, expansion: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.project_in = nn.Conv2d(dim, hidden * 2, 1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, 3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)
+
+
+class _ISA(nn.Module):
+    """Inception-free self-attention of DITN's ITL (reference `ISA`): q, k, v from one Linear over the pixels of
+    a patch, attention between channels (C x C, cosine similarity times a learned temperature)."""
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.ones(1, 1, 1))
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = (t.transpose(-1, -2) for t in self.qkv(x.reshape(b, c, -1).transpose(-1, -2)).chunk(3, dim=-1))
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        return self.project_out((attn.softmax(dim=-1) @ v).reshape(b, c, h, w))
+
+
+class _SDA(nn.Module):
+    """Spatial-dilated attention of DITN's SAL (reference `SDA`): a 1x1 split into gate and value, the gate
+    through depthwise 5x5 and dilated depthwise 7x7 (dilation 3) and a 1x1, a learned per-channel output scale
+    (initialised to 0 in the reference)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.DConvs = nn.Sequential(nn.Conv2d(dim, dim, 5, 1, 2, groups=dim),
+                                    nn.Conv2d(dim, dim, 7, 1, 9, groups=dim, dilation=3), nn.Conv2d(dim, dim, 1))
+        self.proj_first = nn.Sequential(nn.Conv2d(dim, 2 * dim, 1))
+        self.proj_last = nn.Sequential(nn.Conv2d(dim, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, x = torch.chunk(self.proj_first(x), 2, dim=1)
+        return self.proj_last(x * self.DConvs(a)) * self.scale
+
+
+class _ITL(nn.Module):
+    """Inception transformer layer: x + ISA(conv1(tanh x)), then x + FFN(conv2(tanh x))."""
+
+    def __init__(self, dim: int, expansion: float, bias: bool):
+        super().__init__()
+        self.attn = _ISA(dim, bias)
+        self.act = nn.Tanh()
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+        self.ffn = _GatedFFN(dim, expansion, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.conv1(self.act(x)))
+        return x + self.ffn(self.conv2(self.act(x)))
+
+
+class _SAL(nn.Module):
+    """Spatial attention layer: as ITL with SDA in place of ISA (reference `SAL`)."""
+
+    def __init__(self, dim: int, expansion: float, bias: bool):
+        super().__init__()
+        self.SDA = _SDA(dim)
+        self.ffn = _GatedFFN(dim, expansion, bias)
+        self.act = nn.Tanh()
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.SDA(self.conv1(self.act(x)))
+        return x + self.ffn(self.conv2(self.act(x)))
+
+
+class _UFONE(nn.Module):
+    """Unfolding-once block: the ITLs run on non-overlapping patch_size x patch_size patches (folded into the
+    batch once), then the SALs on the whole feature map."""
+
+    def __init__(self, dim: int, expansion: float, bias: bool, itl_blocks: int, sal_blocks: int, patch_size: int):
+        super().__init__()
+        self.ITLs = nn.Sequential(*[_ITL(dim, expansion, bias) for _ in range(itl_blocks)])
+        self.SALs = nn.Sequential(*[_SAL(dim, expansion, bias) for _ in range(sal_blocks)])
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, p, p)
+        patches = self.ITLs(patches).reshape(b, h // p, w // p, c, p, p)
+        return self.SALs(patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w))
+
+
+class DITN(nn.Module):
+    """DITN (Liu et al., "Unfolding Once is Enough: A Deployment-Friendly Transformer Unit for Super-Resolution",
+    ACM MM 2023; yongliuy/DITN models/DITN_Real.py, the reference's only model file): a 3x3 conv to 60 channels,
+    one UFONE (4 ITL on 8 x 8 patches, 4 SAL), a 3x3 conv, a global skip and a one-step pixel-shuffle upsampler.
+    The input is reflect-padded to a multiple of the patch size and the output cropped back, as the reference.
+    The reference's LayerNorm classes are never called by the network and hold no checkpoint keys: not ported."""
+
+    def __init__(self, in_channels: int = 3, dim: int = 60, itl_blocks: int = 4, sal_blocks: int = 4,
+                 ufone_blocks: int = 1, ffn_expansion: float = 2, bias: bool = False, patch_size: int = 8,
+                 upscale: int = 4):
+        super().__init__()
+        self.patch_size, self.scale = patch_size, upscale
+        self.sft = nn.Conv2d(in_channels, dim, 3, 1, 1)
+        self.UFONE = nn.Sequential(*[_UFONE(dim, ffn_expansion, bias, itl_blocks, sal_blocks, patch_size)
+                                     for _ in range(ufone_blocks)])
+        self.conv_after_body = nn.Conv2d(dim, dim, 3, 1, 1)
+        self.upsample = _upsampler(dim, 3, upscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        p = self.patch_size
+        x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p), "reflect")
+        sft = self.sft(x)
+        out = self.upsample(self.conv_after_body(self.UFONE(sft)) + sft)
+        return out[:, :, : h * self.scale, : w * self.scale]
+
+
 # --- registry ---------------------------------------------------------------------------------------
 
 
@@ -293,6 +426,10 @@ SR_ARCHS: dict[str, SRArch] = {
                    "Hui et al., IMDN, ACM MM 2019 (AIM 2019 variant); ofsoundof/NTIRE2022_ESR models/imdn_baseline.py"),
     "rfdn": SRArch("rfdn", RFDN, "sr_checkpoints/ntire2022_esr_model_zoo/rfdn_baseline.pth", 255.0, 4,
                    "Liu et al., RFDN, ECCVW 2020; ofsoundof/NTIRE2022_ESR models/rfdn_baseline/RFDN.py", _ESA_MIN),
+    # For users who have DITN weights: none are offline, so its checkpoint is usually missing (DataMissing).
+    "ditn": SRArch("ditn", DITN, "sr_checkpoints/ditn/ditn_x4.pth", 1.0, 4,
+                   "Liu et al., Unfolding Once is Enough (DITN), ACM MM 2023; yongliuy/DITN models/DITN_Real.py",
+                   8),  # reflect padding to a multiple of 8 needs at least 8 x 8 pixels
 }
 
 
@@ -310,6 +447,8 @@ def load_sr(name: str, data_root: Path) -> nn.Module:
     except Exception as e:  # truncated file, pickle with non-tensor objects, ...
         raise ArtifactCorrupt(f"SR checkpoint {path} cannot be read ({type(e).__name__})",
                               "restore it from its source (sr_checkpoints/SOURCE.md lists the sha256)") from e
+    if isinstance(state, dict) and isinstance(state.get("params"), dict):
+        state = state["params"]  # BasicSR-trained checkpoints (DITN's) wrap the state_dict as {"params": ...}
     model = arch.builder()
     try:
         model.load_state_dict(state, strict=True)
