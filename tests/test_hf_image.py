@@ -124,3 +124,26 @@ def test_label_spaces(tmp_path):
 def test_missing_directory_is_one_line(tmp_path):
     with pytest.raises(DataMissing, match="does not exist"):
         models.load(models.ModelSpec(name="m", source="hf_image", name_or_path=str(tmp_path / "nope")))
+
+
+def test_a_batchnorm_cnn_loads_with_its_statistics_rounded_like_its_weights(tmp_path):
+    """The microsoft/resnet-50 path: a ResNet (BatchNorm buffers, a 0-dim batch counter) with a ConvNeXt-style
+    processor; its statistics are stored at fp16 too, so they get the load-time rounding the weights get."""
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    net = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                    num_labels=1000))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+    net.save_pretrained(tmp_path)
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875, resample=3).save_pretrained(tmp_path)
+    model = models.load(models.ModelSpec(name="tiny_resnet", source="hf_image", name_or_path=str(tmp_path)))
+    assert model.info["preprocess"]["resize"] == 36 and model.info["preprocess"]["crop"] == 32
+    assert model.adapter.vit_encoder() is None and model.info["architecture"] == "resnet"
+    var = next(m.running_var for m in model.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.equal(var, var.half().float())
+    with torch.no_grad():
+        assert model.module(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)

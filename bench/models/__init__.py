@@ -137,7 +137,7 @@ def weights_sha256(model: nn.Module) -> str:
             continue
         seen.add(t.data_ptr())
         h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too (BN)
     return h.hexdigest()
 
 
@@ -228,6 +228,11 @@ def _load_hf_image(spec: ModelSpec) -> LoadedModel:
     module, facts = _from_hub(spec, lambda: load_hf_image(spec.name_or_path, spec.revision, _DTYPES[spec.dtype]))
     module.bench_kind = "image_classifier"
     round_to_storage(module, _DTYPES[spec.storage_dtype])
+    with torch.no_grad():  # BatchNorm statistics (ResNet, MobileNetV2) are stored too: the same rounding
+        params = {id(p) for p in module.parameters()}
+        for t in module.state_dict(keep_vars=True).values():
+            if t.is_floating_point() and id(t) not in params:
+                t.copy_(t.to(_DTYPES[spec.storage_dtype]).to(t.dtype))
     adapter = ConvAdapter(module, "image_classifier")
     encoder = adapter.vit_encoder()
     n_params = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

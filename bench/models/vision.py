@@ -43,7 +43,7 @@ class ViTEncoder:
 
 
 def _vit_role(name: str) -> str:
-    if ".selector." in f".{name}.":
+    if ".token_selector." in f".{name}.":
         return "token_selector"
     parts = name.split(".")
     tail = ".".join(parts[-2:])
