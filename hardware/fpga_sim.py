@@ -19,22 +19,49 @@ simulator moves any narrower width, the array multiplies integers). Binary/terna
 or sign units this array lacks), floating-point low-bit formats, sparsity (the array does not skip zeros) and
 language models (not simulated here: only image workloads are exported) are `unsupported` with the reason.
 
-Not done: bit-accurate fixed-point inference with hls4ml C simulation (the FPGA accuracy of a small vision model);
-the accuracy recorded beside these simulated costs is the torch model's (fake-quant where the method quantized).
+FPGA accuracy (`deploy`): where hls4ml (1.3.0, PyTorch frontend, Vitis backend, io_parallel) can take the model, the
+packed (fake-quant) model is converted to an hls4ml project and its C simulation - the generated HLS C++ with the
+bundled ap_fixed headers, compiled by g++ into a shared library, no Vivado/Vitis needed - is the deployed model: the
+runner evaluates the task on it (`<metric>.deployed`, `<metric>.deployed_minus_fake_quant`, tag
+`bench.deployed_execution = hls4ml-csim-...`). Precisions, per weight layer (recorded in `hardware.csim_precisions`):
+- weights and biases: the narrowest signed ap_fixed<W,I> that holds every stored value exactly (an int8/int4 grid
+  times its fp16 per-channel or per-group scales is a few dyadic values: W ~ bits + 11 scale mantissa bits + the
+  scales' exponent spread, e.g. ~22 for int8 per channel; the fp16 weights of an uncompressed layer likewise). Where
+  that needs more than `max_weight_bits` the values are rounded to nearest on ap_fixed<max_weight_bits,I> first and
+  the largest error is recorded (`csim.layer.<name>.weight_max_abs_error`); exact layers record 0;
+- accumulators and each conv/linear output: hls4ml's `auto` (exact for those operands);
+- inputs and every activation/pooling output: `hls_precision` (default ap_fixed<16,6>: TRN/WRAP, hls4ml's default):
+  this is where the fixed-point model rounds where torch computes in fp32.
+The ZigZag costs are still computed from the torch model's ONNX graph at the stored bit-widths: the C simulation
+says what the fixed-point datapath computes, not what it costs. The hls4ml project lives in a temporary directory
+(`hls_dir`, default the system temp dir), removed when the deployed model is freed.
+C simulation is not run (the accuracy stays the torch model's, the reason in `hardware.csim`) for: models that are
+not image classifiers declaring their input shape (`bench_input_shape`: SR nets at 256x256 LR, diffusion UNets;
+language models are not simulated at all), models above `csim_max_params` (every weight is a C++ header array and
+every MAC an ap_fixed operation: MobileNetV2 would take hours per pass), activation-quantized formats (`+a8...`: a
+per-tensor float scale is not an ap_fixed type, so the method's activation grid would not be what runs), and any
+model hls4ml fails to convert or compile (its error recorded).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
 import logging
 import math
 import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
+from torch import nn
 
 from bench import energy
 from bench.errors import ConfigError
@@ -44,6 +71,7 @@ from bench.plugins import Backend, Measurement, Workload
 ACCELERATORS = Path(__file__).resolve().parents[1] / "configs" / "accelerator"
 _INT = re.compile(r"(?:^|-)int(\d+)(?:avg)?(?:-|$)")
 _ACT = re.compile(r"\+a(\d+)")
+_AP_FIXED = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*(,\s*AP_[A-Z_]+\s*){0,2}>$")
 
 
 def layer_bits(label: str | None, default_bits: int) -> tuple[int, int] | str:
@@ -76,6 +104,11 @@ class FpgaSimBackend(Backend):
     optimize: str = "energy"  # ZigZag's mapping criterion: energy | latency | EDP
     lpf_limit: int = 4  # LOMA: loop prime factors considered per layer (higher = wider search, slower)
     spatial_mappings: int = 1  # spatial mappings ZigZag generates per layer
+    csim: bool = True  # deploy: hls4ml C simulation of models it can take (the FPGA's fixed-point accuracy)
+    hls_precision: str = "ap_fixed<16,6>"  # C-sim inputs and activation/pooling outputs
+    max_weight_bits: int = 32  # widest weight/bias ap_fixed; exact below it, rounded to nearest above
+    csim_max_params: int = 200_000  # larger models are not C-simulated (reason recorded)
+    hls_dir: str | None = None  # parent of the temporary hls4ml projects (None: the system temp dir)
     capabilities: ClassVar[dict] = {
         "weight_formats": ["int1..int8 (data movement at the stored width)", "float layers at default_bits"],
         "activation_formats": ["int (8-bit when the method quantized them, else default_bits)"],
@@ -89,6 +122,12 @@ class FpgaSimBackend(Backend):
         if not 1 <= self.default_bits <= 32 or self.lpf_limit < 1 or self.spatial_mappings < 1:
             raise ConfigError("hardware.default_bits/lpf_limit/spatial_mappings out of range",
                               "e.g. hardware.default_bits=16 hardware.lpf_limit=4")
+        if not _AP_FIXED.match(self.hls_precision.strip()):
+            raise ConfigError(f"hardware.hls_precision={self.hls_precision} is not an ap_fixed type",
+                              "e.g. hardware.hls_precision='ap_fixed<16,6>' or 'ap_fixed<18,8,AP_RND,AP_SAT>'")
+        if not 2 <= self.max_weight_bits <= 48 or self.csim_max_params < 1:
+            raise ConfigError("hardware.max_weight_bits/csim_max_params out of range",
+                              "max_weight_bits in [2, 48] (weights are written as exact decimals), e.g. 32")
         self.spec = self._load_accelerator()
 
     def _load_accelerator(self) -> dict:
@@ -117,6 +156,45 @@ class FpgaSimBackend(Backend):
             if isinstance(bits, str):
                 return f"{layer}: {bits}"
         return None
+
+    # -- deploy: hls4ml C simulation -----------------------------------------------------------------------
+    def csim_reason(self, packed: Packed) -> str | None:
+        """Why the C simulation is not run for this (supported) model, or None."""
+        if not self.csim:
+            return "hardware.csim=false"
+        model = packed.model
+        kind = getattr(model, "bench_kind", None)
+        if kind != "image_classifier" or getattr(model, "bench_input_shape", None) is None:
+            return (f"hls4ml C simulation covers small image classifiers that declare their input shape; this "
+                    f"{kind or type(model).__name__} model is not converted (its accuracy is the torch model's)")
+        n = sum(p.numel() for p in model.parameters())
+        if n > self.csim_max_params:
+            return (f"{n} parameters > hardware.csim_max_params={self.csim_max_params}: every weight is a C++ array "
+                    "and every MAC an ap_fixed operation, too slow to C-simulate the task")
+        for layer, label in packed.layer_format.items():
+            act = _ACT.search(label or "")
+            if label and "+" in label and not (act and int(act.group(1)) >= 32):  # +a32: float activations
+                return (f"{layer}: activation quantization ({label}) uses a float per-tensor scale, not an ap_fixed "
+                        "type; the C simulation would not run the method's activation grid")
+        try:
+            import hls4ml  # noqa: F401
+        except ImportError:
+            return "hls4ml is not installed (pip install hls4ml==1.3.0, or ./install.sh)"
+        return None
+
+    def deploy(self, packed: Packed) -> Packed:
+        reason = self.csim_reason(packed)
+        if reason is None:
+            try:
+                csim = HlsCSim.build(self, packed)
+            except Exception as e:  # hls4ml's conversion/compilation: its error is the reason, the run goes on
+                first = (str(e).splitlines() or [""])[0][:300]
+                reason = f"hls4ml could not convert/compile the model: {type(e).__name__}: {first}"
+        if reason is not None:
+            packed.info["csim_not_run"] = reason  # read by measure(); the runner keeps the torch accuracy
+            return packed
+        return Packed(csim, packed.method, csim.execution, packed.layers, packed.layer_format,
+                      info={**packed.info, "csim": csim, "csim_torch_model": packed.model})
 
     # -- simulation --------------------------------------------------------------------------------------------
     def simulate(self, model: torch.nn.Module, x: torch.Tensor, layer_format: dict[str, str]) -> list[dict]:
@@ -207,7 +285,9 @@ class FpgaSimBackend(Backend):
         if workload.kind != "image":
             return Measurement(unsupported=f"fpga_sim simulates image workloads, not '{workload.kind}'")
         _quiet_zigzag()
-        layers = self.simulate(packed.model, workload.inputs, packed.layer_format)
+        csim: HlsCSim | None = packed.info.get("csim")
+        # ZigZag costs the torch graph at the stored widths, also when the deployed model is the C simulation
+        layers = self.simulate(packed.info.get("csim_torch_model", packed.model), workload.inputs, packed.layer_format)
         label = workload.label or "forward"
         cycles = sum(layer["cycles"] for layer in layers)
         pj = sum(layer["energy_pj"] for layer in layers)
@@ -235,6 +315,19 @@ class FpgaSimBackend(Backend):
                 "default_bits": f"{self.default_bits} (unquantized weights/activations)",
                 "sim_input": "x".join(map(str, workload.inputs[:1].shape)),
                 "energy_note": "data movement at each operand's width; MAC energy fixed per operation by the array"}
+        if csim is None:
+            tags["csim"] = f"not run: {packed.info.get('csim_not_run') or self.csim_reason(packed) or 'not deployed'}"
+        else:
+            tags.update({"csim": f"hls4ml C simulation ({csim.execution}; Vitis backend, io_parallel, PyTorch "
+                                 "frontend); the task's accuracy was re-measured on it",
+                         "csim_precisions": json.dumps(csim.precisions)[:5000],
+                         "csim_activation_precision": self.hls_precision,
+                         "csim_weight_rule": f"exact ap_fixed up to max_weight_bits={self.max_weight_bits}, else "
+                                             "rounded to nearest", "csim_versions": json.dumps(csim.versions)})
+            for name, types in csim.weights.items():
+                for what, t in types.items():
+                    m[f"csim.layer.{name}.{what}_bits"] = float(t.width)
+                    m[f"csim.layer.{name}.{what}_max_abs_error"] = t.max_abs_error
         return Measurement(m, tags)
 
 
@@ -280,3 +373,121 @@ def _strip_pre_hooks(model: torch.nn.Module) -> list:
 def _quiet_zigzag() -> None:
     for name in ("zigzag",):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# -- hls4ml C simulation ---------------------------------------------------------------------------------------
+@dataclass
+class FixedType:
+    width: int
+    integer: int
+    exact: bool
+    max_abs_error: float
+
+    @property
+    def precision(self) -> str:
+        return f"ap_fixed<{self.width},{self.integer}>"
+
+
+def fixed_type(values: torch.Tensor, max_bits: int) -> tuple[FixedType, torch.Tensor]:
+    """The narrowest signed ap_fixed<W,I> (I >= 1) holding every value exactly, or, when that needs more than
+    `max_bits`, ap_fixed<max_bits,I> with the values rounded to nearest on its grid; returns the type and the
+    values as that type holds them (what the C++ headers will contain)."""
+    v = values.detach().double()
+    vmax, vmin = float(v.max()), float(v.min())
+    frac = 0  # fractional bits: the smallest F with v * 2^F all integers (dyadic values: fp16/fp32 weights are)
+    while frac < 64 and not bool(torch.all(torch.frac(v * 2.0 ** frac) == 0)):
+        frac += 1
+
+    def integer_bits(f: int) -> int:
+        i = 1
+        while vmax > 2.0 ** (i - 1) - 2.0 ** -f or vmin < -(2.0 ** (i - 1)):
+            i += 1
+        return i
+
+    i = integer_bits(frac)
+    frac = max(frac, 2 - i)  # ap_fixed<1,1> holds only -1 and 0; an all-zero tensor gets ap_fixed<2,1>
+    if i + frac <= max_bits:
+        return FixedType(i + frac, i, True, 0.0), v.to(values.dtype)
+    f = max_bits - i
+    if f < 0:
+        raise ConfigError(f"values up to {max(abs(vmax), abs(vmin)):.3g} need {i} integer bits > "
+                          f"hardware.max_weight_bits={max_bits}", "raise hardware.max_weight_bits")
+    q = torch.round(v * 2.0 ** f) / 2.0 ** f
+    q = q.clamp(-(2.0 ** (i - 1)), 2.0 ** (i - 1) - 2.0 ** -f)
+    return FixedType(max_bits, i, False, float((q - v).abs().max())), q.to(values.dtype)
+
+
+class HlsCSim(nn.Module):
+    """A packed image classifier as hls4ml's C simulation runs it: forward() feeds the batch to the compiled
+    HLS C++ (ap_fixed arithmetic) and returns its outputs as float32."""
+
+    def __init__(self, hls_model, input_shape: tuple, execution: str, precisions: dict, weights: dict, workdir: str,
+                 versions: dict):
+        super().__init__()
+        self.hls_model = hls_model
+        self.input_shape = tuple(input_shape)
+        self.execution = execution
+        self.precisions = precisions  # hls layer -> {weight_t, bias_t, accum_t, result_t}
+        self.weights = weights  # torch layer -> FixedType of its weight and bias
+        self.workdir = workdir
+        self.versions = versions
+        self.bench_kind = "image_classifier"
+        self.bench_input_shape = self.input_shape
+        weakref.finalize(self, shutil.rmtree, workdir, True)
+
+    @classmethod
+    def build(cls, backend: FpgaSimBackend, packed: Packed) -> HlsCSim:
+        import subprocess
+        from importlib.metadata import version
+
+        import hls4ml
+
+        shape = tuple(int(d) for d in packed.model.bench_input_shape)
+        model = copy.deepcopy(packed.model).eval()
+        _strip_pre_hooks(model)  # csim_reason refused activation quantization; nothing else may hide in hooks
+        config = hls4ml.utils.config_from_pytorch_model(model, shape, granularity="name", backend="Vitis",
+                                                        default_precision=backend.hls_precision)
+        names = config["LayerName"]
+        weights = {}
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+                    continue
+                hls_name = name.replace(".", "_")
+                if hls_name not in names:
+                    raise ConfigError(f"layer {name} has no hls4ml layer {hls_name}", "the model did not convert 1:1")
+                wt, wq = fixed_type(mod.weight, backend.max_weight_bits)
+                mod.weight.copy_(wq)
+                prec = {"weight": wt.precision, "result": "auto", "accum": "auto"}
+                weights[name] = {"weight": wt}
+                if mod.bias is not None:
+                    bt, bq = fixed_type(mod.bias, backend.max_weight_bits)
+                    mod.bias.copy_(bq)
+                    prec["bias"] = bt.precision
+                    weights[name]["bias"] = bt
+                names[hls_name]["Precision"] = prec
+        workdir = tempfile.mkdtemp(prefix="bench-hls4ml-", dir=backend.hls_dir)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # hls4ml prints its topology and progress
+                hls_model = hls4ml.converters.convert_from_pytorch_model(
+                    model, hls_config=config, output_dir=str(Path(workdir) / "prj"), backend="Vitis",
+                    io_type="io_parallel")
+                hls_model.compile()
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        precisions = {layer.name: {k: str(t.precision) for k, t in layer.types.items() if k != "index_t"}
+                      for layer in hls_model.get_layers()}
+        gxx = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()
+        versions = {"hls4ml": version("hls4ml"), "g++": gxx[0] if gxx else "?"}
+        execution = f"hls4ml-csim-{backend.hls_precision.replace(' ', '')}"
+        return cls(hls_model, shape, execution, precisions, weights, workdir, versions)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ConfigError(f"the C-simulated model was built for inputs {self.input_shape}, got "
+                              f"{tuple(x.shape[1:])}", "feed the model's declared input shape")
+        arr = np.ascontiguousarray(x.detach().to(torch.float32).cpu().numpy())
+        with contextlib.redirect_stdout(io.StringIO()):
+            y = self.hls_model.predict(arr)
+        return torch.from_numpy(np.asarray(y, dtype=np.float32).reshape(x.shape[0], -1).copy())

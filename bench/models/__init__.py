@@ -14,6 +14,8 @@ Sources:
 - `suite_trained`: a DDPM the suite trains itself from `recipe` (`bench.diffusion`), cached under
   `<results>/trained/` by content hash; kind `diffusion`.
 - `diffusers`: a diffusers UNet2DModel / DDPMPipeline from a hub id or local directory; kind `diffusion`.
+- `suite_classifier`: an image classifier the suite trains itself from `recipe` (`bench.models.digits`: the
+  digits LeNet), cached like `suite_trained`; kind `image_classifier`.
 
 Every model's parameters are rounded once to `storage_dtype` at load time, so the base weights that all
 methods start from are exactly what an artifact stores for the uncompressed parts (a reload reproduces the
@@ -48,6 +50,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class ModelSpec:
     name: str
     # "hf" | "hf_image" | "gguf_package" | "sr_checkpoint" | "tflite" | "suite_trained" | "diffusers"
+    # | "suite_classifier"
     source: str = "hf"
     name_or_path: str | None = None  # hub id or local dir (source=hf, hf_image, diffusers)
     arch: str | None = None  # network of bench.models.sr_archs (source=sr_checkpoint)
@@ -63,7 +66,8 @@ class ModelSpec:
     description: str = ""
 
     def __post_init__(self):
-        sources = ("hf", "hf_image", "gguf_package", "sr_checkpoint", "tflite", "suite_trained", "diffusers")
+        sources = ("hf", "hf_image", "gguf_package", "sr_checkpoint", "tflite", "suite_trained", "diffusers",
+                   "suite_classifier")
         if self.source not in sources:
             raise ConfigError(f"model.source='{self.source}' is unknown", f"use one of: {', '.join(sources)}")
         if self.source == "suite_trained":
@@ -248,6 +252,10 @@ def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
         from bench.models.diffusion_models import load_diffusion
 
         return load_diffusion(spec)
+    if spec.source == "suite_classifier":
+        from bench.models.digits import load_suite_classifier
+
+        return load_suite_classifier(spec)
     if spec.source == "sr_checkpoint":
         return _load_sr(spec, data_root)
     if spec.source == "tflite":
