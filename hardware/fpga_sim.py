@@ -114,6 +114,7 @@ class FpgaSimBackend(Backend):
         "activation_formats": ["int (8-bit when the method quantized them, else default_bits)"],
         "low_bit_kernels": ["simulated: ZigZag cost model"], "binary_ops": False, "sparsity": [],
         "workloads": ["image"],
+        "accuracy": ["hls4ml C simulation (ap_fixed) of small image classifiers; else the torch model's"],
     }
 
     def __post_init__(self):
