@@ -42,6 +42,7 @@ from bench.errors import NotApplicable, NumericalFailure
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
+from bench.quant.binary import signs
 from bench.quant.integer import restore_bias, stored_bias
 
 ACT_MAG_IMAGES = 16  # calibration images the activation magnitudes are measured on
@@ -53,7 +54,7 @@ class ApproxSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return signs(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -64,10 +65,6 @@ class ApproxSign(torch.autograd.Function):
 def binarize_activations(x: torch.Tensor) -> torch.Tensor:
     sigma = x.detach().flatten(1).std(dim=1).clamp(min=1e-5).view(-1, *([1] * (x.dim() - 1)))
     return ApproxSign.apply(x / sigma)
-
-
-def signs(w: torch.Tensor) -> torch.Tensor:
-    return torch.where(w >= 0, 1.0, -1.0)
 
 
 def keeps_shape(conv: nn.Conv2d) -> bool:

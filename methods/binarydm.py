@@ -37,28 +37,17 @@ from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
+from bench.quant.binary import clipped_sign
 from bench.quant.integer import restore_bias, stored_bias, weight_matrix
-
-
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w):
-        ctx.save_for_backward(w)
-        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (w,) = ctx.saved_tensors
-        return g * (w.abs() <= 1).to(g.dtype)
 
 
 def bases(w: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None):
     """(sign1, sign2 or None, binarized weight) of an (out, in) latent weight."""
-    b1 = _SignSTE.apply(w)
+    b1 = clipped_sign(w)
     wb = s1 * b1
     if s2 is None:
         return b1, None, wb
-    b2 = _SignSTE.apply(w - wb)
+    b2 = clipped_sign(w - wb)
     return b1, b2, wb + s2 * b2
 
 

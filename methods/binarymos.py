@@ -33,18 +33,7 @@ from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
-
-
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w):
-        ctx.save_for_backward(w)
-        return torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        return grad * (w.abs() < 1).to(grad.dtype)
+from bench.quant.binary import clipped_sign, signs
 
 
 class BinaryMoSLinear(nn.Module):
@@ -73,12 +62,12 @@ class BinaryMoSLinear(nn.Module):
         return m
 
     def sign_matrix(self) -> torch.Tensor:
-        return self.weight if self.frozen else _SignSTE.apply(self.weight)
+        return self.weight if self.frozen else clipped_sign(self.weight, inclusive=False)
 
     @torch.no_grad()
     def freeze(self) -> None:
         """After training: replace the latent weight by its sign (all that is stored) and stop training."""
-        self.weight.copy_(torch.where(self.weight >= 0, 1.0, -1.0))
+        self.weight.copy_(signs(self.weight))
         self.requires_grad_(False)
         self.frozen = True
 

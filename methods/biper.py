@@ -28,8 +28,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.binary_conv import BinaryConvMethod, WeightBinarizer, signs
+from bench.binary_conv import BinaryConvMethod, WeightBinarizer
 from bench.errors import ConfigError
+from bench.quant.binary import signs
 
 
 class _SquareWave(torch.autograd.Function):
@@ -39,7 +40,7 @@ class _SquareWave(torch.autograd.Function):
     def forward(ctx, w, omega):
         ctx.save_for_backward(w)
         ctx.omega = omega
-        return signs(torch.sin(omega * w)).to(w.dtype)
+        return signs(torch.sin(omega * w))
 
     @staticmethod
     def backward(ctx, grad):

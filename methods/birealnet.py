@@ -20,21 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.binary_conv import BinaryConvMethod, WeightBinarizer, signs
-
-
-class _ClippedSignSTE(torch.autograd.Function):
-    """sign forward; gradient passed where |w| <= 1 (BNN's clipped straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, w):
-        ctx.save_for_backward(w)
-        return signs(w).to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        return grad * (w.abs() <= 1).to(grad.dtype)
+from bench.binary_conv import BinaryConvMethod, WeightBinarizer
+from bench.quant.binary import clipped_sign, signs
 
 
 class BiRealWeights(WeightBinarizer):
@@ -47,7 +34,7 @@ class BiRealWeights(WeightBinarizer):
         return self.beta * self.latent.abs().mean(dim=(1, 2, 3), keepdim=True)
 
     def forward(self) -> torch.Tensor:
-        return self.scale() * _ClippedSignSTE.apply(self.latent)
+        return self.scale() * clipped_sign(self.latent)
 
     def sign_bits(self) -> torch.Tensor:
         return signs(self.latent.detach())

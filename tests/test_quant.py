@@ -67,3 +67,16 @@ def test_rtn_bits_out_of_range(bad):
 def test_group_larger_than_layer_is_a_config_error():
     with pytest.raises(ConfigError, match="group_size=1024"):
         quantize_rtn(torch.randn(4, 576), 4, 1024, layer="q_proj")
+
+
+def test_clipped_sign_forward_and_its_gradient_window():
+    from bench.quant.binary import clipped_sign
+
+    w = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], requires_grad=True)
+    out = clipped_sign(w)
+    assert out.tolist() == [-1, -1, -1, 1, 1, 1, 1]  # sign(0) = +1: every stored bit means +-1
+    out.sum().backward()
+    assert w.grad.tolist() == [0, 1, 1, 1, 1, 1, 0]  # |w| <= 1 passes
+    w.grad = None
+    clipped_sign(w, inclusive=False).sum().backward()
+    assert w.grad.tolist() == [0, 0, 1, 1, 1, 0, 0]  # BinaryMoS's reference: |w| < 1
