@@ -443,7 +443,9 @@ def test_interrupted_run_ctrl_c(store_results_dir, tiny_byte_llama_dir, tmp_path
     results_dir = store_results_dir
     started = tmp_path / "compress_started"
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}
-    env.update(BENCH_RESULTS=str(results_dir), BENCH_TEST_STARTED=str(started), PYTHONPATH=str(PLUGINS))
+    # PYTHONFAULTHANDLER: if the child does not exit after Ctrl-C, SIGABRT makes it print every thread's stack
+    env.update(BENCH_RESULTS=str(results_dir), BENCH_TEST_STARTED=str(started), PYTHONPATH=str(PLUGINS),
+               PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen([sys.executable, "-m", "bench", *tiny_cli_args(tiny_byte_llama_dir), "method=slow",
                              f"hydra.searchpath=[file://{PLUGINS}]", "compare_baseline=false", "threads=1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -452,7 +454,12 @@ def test_interrupted_run_ctrl_c(store_results_dir, tiny_byte_llama_dir, tmp_path
         time.sleep(0.2)
     assert started.exists(), proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # seen twice on a machine at load 5+, never reproduced alone: keep the evidence
+        proc.send_signal(signal.SIGABRT)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"the run did not exit within 300 s of Ctrl-C; its threads' stacks:\n{stderr[-6000:]}")
     assert proc.returncode == 130
     assert bench_lines(stderr) == ["bench: error: interrupted (Ctrl-C); a run in progress is recorded as KILLED and "
                                    "no partial artifact is kept"]
