@@ -240,13 +240,19 @@ class ClassifierRecipe:
         return LeNet(1, 10, side)
 
 
+def heldout_split(n: int, g: torch.Generator, train_fraction: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) indices: a randperm of n drawn from `g`, the first int(0.8 n) for training. The classifier's
+    training and `task=digits_top1` both split by this, from a generator seeded with the recipe's seed."""
+    perm = torch.randperm(n, generator=g)
+    n_train = int(train_fraction * n)
+    return perm[:n_train], perm[n_train:]
+
+
 def train_classifier(recipe: ClassifierRecipe, data: ImageSet) -> tuple[nn.Module, dict]:
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
-    n = data.images.shape[0]
-    perm = torch.randperm(n, generator=g)
-    n_train = int(0.8 * n)
-    tr, te = perm[:n_train], perm[n_train:]
+    tr, te = heldout_split(data.images.shape[0], g)  # g goes on to draw the epoch orders
+    n_train = len(tr)
     model = recipe.build(data.side)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     t0 = time.perf_counter()
@@ -275,7 +281,7 @@ def cached_train(kind: str, recipe, data: ImageSet, cache_dir: str | None, train
 
     code = (_code_hash(load_images, train_ddpm, Schedule, _lr_at, unet.TinyUNet, unet.ResBlock, unet.timestep_embedding,
                        unet._norm) if kind == "ddpm"
-            else _code_hash(load_images, train_classifier, unet.LeNet))
+            else _code_hash(load_images, heldout_split, train_classifier, unet.LeNet))
     key = content_key(kind, asdict(recipe), data.sha256, code)
     store = trained_store(cache_dir)
     if store.has(key):

@@ -6,8 +6,8 @@ The only one so far is the LeNet-5 of the diffusion track's `fd_lenet` (`bench.d
 `bench.models.unet.LeNet`): trained on scikit-learn's `load_digits` (1797 real 8x8 digits, scaled to [-1, 1]),
 80/20 split by a seeded permutation, cached under `<results>/trained/` by recipe + data + training code. The
 same recipe gives the same checkpoint as `fd_lenet` (one training for both). The held-out split is recomputed
-here by `heldout_split` and checked at load: the uncompressed model's top-1 on it must equal the training
-record's `heldout_top1`, so the task never evaluates on training images.
+by `bench.diffusion.heldout_split` (the split training used) and checked at load: the uncompressed model's
+top-1 on it must equal the training record's `heldout_top1`, so the task never evaluates on training images.
 """
 
 from __future__ import annotations
@@ -19,17 +19,9 @@ import torch
 from bench.errors import ConfigError, DataCorrupt
 
 
-def heldout_split(n: int, seed: int, train_fraction: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) indices of `bench.diffusion.train_classifier`: a randperm of n under `seed`, the first
-    int(0.8 n) for training."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train = int(train_fraction * n)
-    return perm[:n_train], perm[n_train:]
-
-
 def load_suite_classifier(spec):
     from bench import models
-    from bench.diffusion import ClassifierRecipe, load_classifier
+    from bench.diffusion import ClassifierRecipe, heldout_split, load_classifier
 
     try:
         recipe = ClassifierRecipe(**(spec.recipe or {}))
@@ -38,13 +30,13 @@ def load_suite_classifier(spec):
                           "fields: dataset, epochs, batch_size, lr, seed") from None
     module, record, data = load_classifier(recipe, spec.results)
     module.eval()
-    _, held = heldout_split(data.images.shape[0], recipe.seed)
+    _, held = heldout_split(data.images.shape[0], torch.Generator().manual_seed(recipe.seed))
     with torch.no_grad():
         top1 = float((module(data.images[held]).argmax(1) == data.labels[held]).float().mean())
     if abs(top1 - float(record.get("heldout_top1", -1))) > 1e-6:
         raise DataCorrupt(f"model '{spec.name}': top-1 {top1:.4f} on the recomputed held-out split differs from the "
                           f"training record's {record.get('heldout_top1')}",
-                          "bench/models/digits.py heldout_split no longer matches bench.diffusion.train_classifier")
+                          "delete the cached classifier under <results>/trained/ to retrain it")
     module.bench_kind = "image_classifier"
     module.bench_input_shape = tuple(data.images.shape[1:])  # (C, H, W): what a converter needs to know
     models.round_to_storage(module, models._DTYPES[spec.storage_dtype])
