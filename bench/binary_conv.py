@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.distill import adamw_cosine
+from bench.distill import adamw_cosine, train_record
 from bench.errors import NotApplicable, NumericalFailure
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
@@ -234,10 +234,7 @@ class BinaryConvMethod(Method):
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.2e}")
         student.eval()
-        k = max(1, min(5, len(losses) // 4))
-        return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,
-                "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
-                "train_losses": losses}
+        return train_record(losses, t0)
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -56,6 +56,15 @@ def adamw_cosine(params, budget, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
+def train_record(losses: list[float], t0: float) -> dict:
+    """What a training loop records: steps, wall seconds since `t0`, the loss averaged over the first and the last
+    k steps (k = a quarter of the steps, 1..5) and every step's loss."""
+    k = max(1, min(5, len(losses) // 4))
+    return {"train_steps": len(losses), "train_seconds": time.perf_counter() - t0,
+            "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
+            "train_losses": losses}
+
+
 def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str,
             after_step: Callable[[], None] | None = None, attentions: bool = False,
@@ -96,7 +105,4 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
     student.eval()
-    k = max(1, min(5, len(losses) // 4))
-    return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,
-            "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
-            "train_losses": losses}
+    return train_record(losses, t0)
