@@ -109,42 +109,57 @@ def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(planes, axis=1, bitorder="little")
 
 
+def matmulnbits_node(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, block: int,
+                     accuracy_level: int, a: str = "A", y: str = "Y") -> tuple:
+    """One MatMulNBits node y = a W^T on these (n, k) codes: (node, its initializers, their bytes)."""
+    from onnx import helper, numpy_helper
+
+    n, k = codes.shape
+    nb = math.ceil(k / block)
+    padded = np.zeros((n, nb * block), np.uint8)  # the last block's padding is never read (K is given)
+    padded[:, :k] = codes.numpy()
+    arrays = {f"{y}.B": pack_rows(padded, bits).reshape(n, nb, block * bits // 8),
+              f"{y}.scales": scale.to(torch.float32).numpy().reshape(-1)}
+    if zero is not None:  # else the op's default zero point 2^(bits-1), the symmetric grid's centre
+        arrays[f"{y}.zero_points"] = pack_rows(zero.numpy(), bits).reshape(-1)
+    node = helper.make_node("MatMulNBits", [a, *arrays], [y], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=accuracy_level)
+    inits = [numpy_helper.from_array(v, name) for name, v in arrays.items()]
+    return node, inits, sum(v.nbytes for v in arrays.values())
+
+
+def ort_session(nodes: list, initializers: list, inputs: dict[str, int], outputs: dict[str, int], threads: int):
+    """A CPU onnxruntime session of these nodes: fp32 inputs/outputs of shape (rows, width) by name."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def io(name, width):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, width])
+
+    graph = helper.make_graph(nodes, "linears", [io(*kv) for kv in inputs.items()],
+                              [io(*kv) for kv in outputs.items()], initializers)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                         helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    # one session per layer: idle pool threads must sleep, not spin against torch's threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 class MatMulNBitsLinear(nn.Module):
     """y = x W^T (+ bias) with W given as integer codes, run by onnxruntime's MatMulNBits."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, block: int,
                  perm: torch.Tensor | None, bias: torch.Tensor | None, accuracy_level: int, threads: int):
         super().__init__()
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-
         n, k = codes.shape
-        nb = math.ceil(k / block)
-        padded = np.zeros((n, nb * block), np.uint8)  # the last block's padding is never read (K is given)
-        padded[:, :k] = codes.numpy()
-        weights = pack_rows(padded, bits).reshape(n, nb, block * bits // 8)
-        inits = [numpy_helper.from_array(weights, "B"),
-                 numpy_helper.from_array(scale.to(torch.float32).numpy().reshape(-1), "scales")]
-        inputs = ["A", "B", "scales"]
-        if zero is not None:  # else the op's default zero point 2^(bits-1), the symmetric grid's centre
-            inits.append(numpy_helper.from_array(pack_rows(zero.numpy(), bits).reshape(-1), "zero_points"))
-            inputs.append("zero_points")
-        node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                                block_size=block, accuracy_level=accuracy_level)
-        graph = helper.make_graph([node], "linear", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
-                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
-        onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                             helper.make_opsetid("com.microsoft", 1)])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.log_severity_level = 3
-        # one session per layer: idle pool threads must sleep, not spin against torch's threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        node, inits, self.weight_bytes = matmulnbits_node(codes, scale, zero, bits, block, accuracy_level)
+        self.session = ort_session([node], inits, {"A": k}, {"Y": n}, threads)
         self.in_features, self.out_features = k, n
         self.register_buffer("perm", perm)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
-        self.weight_bytes = sum(int(t.nbytes) for t in (weights, *(numpy_helper.to_array(i) for i in inits[1:])))
         self.label = f"ort-matmulnbits-int{bits}-b{block}-acc{accuracy_level}"
         self.mac_kind = ACCURACY_LEVELS[accuracy_level]
 
