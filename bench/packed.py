@@ -9,6 +9,7 @@ storage dtype).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,32 @@ from bench.models import LoadedModel
 EXECUTION_DENSE = "dense"  # ordinary fp32 matmuls on uncompressed weights
 EXECUTION_FAKE_QUANT = "fake-quant"  # fp32 matmuls on dequantized weights: accuracy is real, speed is not
 EXECUTION_SPARSE_AS_DENSE = "dense-zeros"  # pruned weights run as dense fp32 matmuls: no sparse kernel, no speed-up
+
+# Words of the methods' layer-format labels (`Packed.layer_format`) that backends read to decide what runs.
+_BINARY_WORDS = ("sign", "xnor", "binary", "1bit", "onebit", "billm", "pbllm")
+_FLOAT_WEIGHTS = re.compile(r"(^|[-_])(fp\d|e\dm\d|minifloat|nf\d|bitmod)")
+RECOVERY_SUFFIX = re.compile(r"\+(lora|dora|rora)\d*")  # bench/recover.py's suffix
+_INT_WEIGHTS = re.compile(r"(?:^|-)int(\d+)(avg)?(?:-|$)")  # "-int3avg-": per-column mixed widths (baq)
+
+
+def special_weights(label: str) -> str | None:
+    """'binary', 'ternary' or 'float' when a layer-format label's weights (before any '+') are not an integer
+    grid of that kind, else None. Binary words win: "sign-1bit-rowscale-fp16" is binary with fp16 scales."""
+    weights = label.lower().split("+")[0]
+    if any(w in weights for w in _BINARY_WORDS):
+        return "binary"
+    if "ternary" in weights:
+        return "ternary"
+    if _FLOAT_WEIGHTS.search(weights):
+        return "float"
+    return None
+
+
+def int_weight_bits(label: str) -> tuple[int, bool] | None:
+    """(bits, mixed) of a layer-format label's integer weight grid ("gptq-int4-asym-g128" -> (4, False),
+    "baq-int3avg-layer-rowminmax" -> (3, True): an average over per-column widths), else None."""
+    m = _INT_WEIGHTS.search(label.lower().split("+")[0])
+    return (int(m.group(1)), bool(m.group(2))) if m else None
 
 
 @dataclass

@@ -41,7 +41,7 @@ from torch import nn
 
 from bench import energy, timing
 from bench.errors import ConfigError
-from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, special_weights
 from bench.plugins import Backend, Measurement, Workload
 from bench.quant.integer import load_int_layer
 
@@ -69,19 +69,9 @@ def parse_int_format(label: str) -> IntGrid | None:
     return IntGrid(int(m.group(1)), m.group(2) == "sym", None if m.group(3) == "ch" else int(m.group(3)[1:]))
 
 
-_RECOVERY = re.compile(r"^(lora|dora|rora)\d+$")  # bench/recover.py's suffix
-
-
-def _no_kernel_reason(label: str) -> str | None:
-    """Why a weight format other than an integer grid has no kernel here (None: it is not one of these)."""
-    low = label.lower()
-    if any(w in low for w in ("sign", "xnor", "binary", "1bit", "onebit", "billm", "pbllm")):
-        return f"binary weights ({label}): no binary (xnor/popcount) kernel on this backend"
-    if "ternary" in low:
-        return f"ternary weights ({label}): no ternary kernel on this backend"
-    if re.search(r"(^|[-_])(fp\d|e\dm\d|minifloat|nf\d)", low):
-        return f"floating-point weight format ({label}): no low-bit float kernel on this backend"
-    return None
+_NO_KERNEL = {"binary": "binary weights ({}): no binary (xnor/popcount) kernel on this backend",
+              "ternary": "ternary weights ({}): no ternary kernel on this backend",
+              "float": "floating-point weight format ({}): no low-bit float kernel on this backend"}
 
 
 def block_size(grid: IntGrid, in_features: int) -> tuple[int | None, str | None]:
@@ -230,8 +220,9 @@ class CpuKernelsBackend(Backend):
         if not isinstance(module, nn.Linear):
             return "", None, None, f"layer {name} is a {type(module).__name__}: the kernels here are linear matmuls"
         weights, *extras = label.split("+")  # "+...": activation quantization, then recovery adapters
-        reason = _no_kernel_reason(weights)
-        act = [e for e in extras if not _RECOVERY.match(e)]
+        kind = special_weights(weights)
+        reason = _NO_KERNEL[kind].format(weights) if kind else None
+        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
         if not reason and act:
             reason = (f"activation quantization (+{act[0]}): the kernels here take fp32 activations (MatMulNBits "
                       "quantizes them per block, torch int8 per tensor), not as the method does")

@@ -65,11 +65,10 @@ from torch import nn
 
 from bench import energy
 from bench.errors import ConfigError
-from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.packed import EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, int_weight_bits, special_weights
 from bench.plugins import Backend, Measurement, Workload
 
 ACCELERATORS = Path(__file__).resolve().parents[1] / "configs" / "accelerator"
-_INT = re.compile(r"(?:^|-)int(\d+)(?:avg)?(?:-|$)")
 _ACT = re.compile(r"\+a(\d+)")
 _AP_FIXED = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*(,\s*AP_[A-Z_]+\s*){0,2}>$")
 
@@ -79,21 +78,21 @@ def layer_bits(label: str | None, default_bits: int) -> tuple[int, int] | str:
     if label is None:
         return default_bits, default_bits
     low = label.lower()
-    if any(w in low for w in ("sign", "xnor", "binary", "1bit", "onebit", "billm", "pbllm", "ternary")):
+    kind = special_weights(label)
+    if kind in ("binary", "ternary"):
         return f"binary/ternary weights ({label}): the accelerator's MAC array has no XNOR/popcount or sign units"
-    w = low.split("+")[0]
-    if re.search(r"(^|[-_])(fp\d|e\dm\d|minifloat|nf\d|bitmod)", w):
+    if kind == "float":
         return f"floating-point low-bit weights ({label}): the accelerator's MAC array multiplies integers"
-    m = _INT.search(w)
-    if not m:
+    grid = int_weight_bits(label)
+    if grid is None:
         return f"layer format '{label}' is not an integer grid"
-    if re.search(r"\+(lora|dora|rora)", low):
+    if RECOVERY_SUFFIX.search(low):
         return f"recovery adapters ({label}): the adapter branch is not part of the simulated layer"
     a = _ACT.search(low)
     act = int(a.group(1)) if a and int(a.group(1)) < 32 else default_bits
     if "+" in low and not a:
         return f"activation format of {label}: the accelerator's MAC array multiplies integers"
-    return int(m.group(1)), act
+    return grid[0], act
 
 
 @dataclass

@@ -54,7 +54,7 @@ from torch import nn
 from bench import energy, timing
 from bench.calib import CalibSpec
 from bench.errors import BenchError, ConfigError, ResourceError
-from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.packed import EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, int_weight_bits, special_weights
 from bench.plugins import Backend, Measurement, Workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,6 @@ RECIPES = {
     "dynamic_int8": (8, "int8-dynamic", "int8"), "weight_only_int8": (8, "fp32", "fp32"),
     "weight_only_int4": (4, "fp32", "fp32"), "full_int8": (8, "int8-static", "int8"),
 }
-_INT = re.compile(r"(?:^|-)int(\d+)(avg)?(?:-|$)")
 _ACT = re.compile(r"\+(?:a(\d+)|([a-z]\w*))")
 
 
@@ -78,14 +77,15 @@ class LiteRTMissing(ResourceError):
 def layer_reason(label: str, recipe: str) -> str | None:
     """Why `recipe` on LiteRT cannot execute a layer stored as `label` (None: it can)."""
     low = label.lower()
-    if any(w in low for w in ("sign", "xnor", "binary", "1bit", "onebit", "billm", "pbllm", "ternary")):
+    kind = special_weights(label)
+    if kind in ("binary", "ternary"):
         return f"binary/ternary weights ({label}): LiteRT has no binary or ternary kernel"
-    if re.search(r"(^|[-_])(fp\d|e\dm\d|minifloat|nf\d|bitmod)", low.split("+")[0]):
+    if kind == "float":
         return f"floating-point low-bit weights ({label}): LiteRT has no FP8/FP6/FP4 kernel"
-    m = _INT.search(low.split("+")[0])
-    if not m:
+    grid = int_weight_bits(label)
+    if grid is None:
         return f"layer format '{label}' is not an integer grid LiteRT executes"
-    bits, mixed = int(m.group(1)), bool(m.group(2))
+    bits, mixed = grid
     w_bits, acts, _ = RECIPES[recipe]
     if mixed:
         return f"per-column mixed bit-widths ({label}): a LiteRT tensor has one integer width"
@@ -96,7 +96,7 @@ def layer_reason(label: str, recipe: str) -> str | None:
                 f"use hardware.recipe={'weight_only_int4' if bits == 4 else 'dynamic_int8'}")
     if bits > w_bits:
         return f"{bits}-bit weights ({label}) do not fit recipe {recipe}'s int{w_bits} grid; use an int8 recipe"
-    if re.search(r"\+(lora|dora|rora)", low):
+    if RECOVERY_SUFFIX.search(low):
         return f"recovery adapters ({label}): the recipe would quantize the adapter branch, unlike the method"
     a = _ACT.search(low)
     if a and a.group(0) not in ("+a16", "+a32"):
