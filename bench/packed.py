@@ -30,8 +30,9 @@ _INT_WEIGHTS = re.compile(r"(?:^|-)int(\d+)(avg)?(?:-|$)")  # "-int3avg-": per-c
 
 
 def special_weights(label: str) -> str | None:
-    """'binary', 'ternary' or 'float' when a layer-format label's weights (before any '+') are not an integer
-    grid of that kind, else None. Binary words win: "sign-1bit-rowscale-fp16" is binary with fp16 scales."""
+    """What a layer-format label's weights (the part before any '+') are when they are not an integer grid:
+    'binary', 'ternary' or 'float'; else None. Binary words win: "sign-1bit-rowscale-fp16" is binary with fp16
+    scales."""
     weights = label.lower().split("+")[0]
     if any(w in weights for w in _BINARY_WORDS):
         return "binary"
