@@ -69,3 +69,28 @@ def test_every_new_ptq_method_runs_on_every_adapted_architecture(tiny_llama, tin
             out = logits(work, ids)
             assert torch.isfinite(out).all()
             assert (out - ref).pow(2).mean() < 0.05 * ref.pow(2).mean(), (method.name, lm.spec.name)
+
+
+def test_linear_output_error_from_the_gram_matrix_equals_the_forward_mse():
+    from torch import nn
+
+    from bench.methods.awq import _output_error
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40)
+    x = torch.randn(4, 50, 96) * torch.rand(96) * 3
+    error, reference = _output_error(lin, [lin], x, {}), lin(x).detach()
+    lin.weight.data += 0.01 * torch.randn_like(lin.weight)
+    forward = float((reference - lin(x).detach()).pow(2).mean())
+    assert abs(error() / forward - 1) < 1e-6
+
+
+def test_clip_search_covers_a_last_group_shorter_than_the_group_size():
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 80), torch.randn(600, 80)  # g32: groups of 32, 32 and 16 columns
+    limit = AWQ(bits=3, group_size=32).clip_limits(w, x)
+    assert limit.shape == w.shape
+    for cols in (slice(0, 32), slice(32, 64), slice(64, 80)):
+        part = limit[:, cols]
+        assert torch.equal(part, part[:, :1].expand_as(part))  # one bound per (row, group)
+        assert (part[:, 0] < w[:, cols].abs().amax(dim=1)).float().mean() > 0.5  # most rows clipped at 3 bits
