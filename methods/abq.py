@@ -46,6 +46,7 @@ from torch.func import functional_call
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.progress import each_block
 from bench.quant import IntQuantized, n_groups, pack_levels, resolve_group_size, unpack_levels
 from bench.quant.activation import ActivationQuantized, fake_quant_activations
 from bench.quant.integer import restore_bias, round_ste, stored_bias
@@ -148,7 +149,7 @@ class ABQ(ActivationQuantized, Method):
             inputs = adapter.capture_block_inputs(windows)
             q_in = list(inputs.hidden)
             fp_in = [h.clone() for h in q_in]
-            for b in range(n_blocks):
+            for b in each_block(self.name, n_blocks):
                 fp_in, q_in, history = self._block(adapter, b, fp_in, q_in, inputs.kwargs, budget, packed)
                 k = max(1, len(history) // 4)  # steps see different windows: compare quarter means
                 packed.per_layer.append({"block": b, "abq_loss_first": sum(history[:k]) / k if history else None,

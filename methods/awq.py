@@ -29,6 +29,7 @@ from torch import nn
 
 from bench.methods.rtn import RTN
 from bench.methods.smoothquant import scale_norm_
+from bench.progress import each_block
 from bench.quant import quantize_rtn
 
 N_GRID = 20
@@ -138,7 +139,8 @@ class AWQ(RTN):
         adapter = model.adapter
         inputs = adapter.capture_block_inputs(list(calib.windows))
         searched = []
-        for b, block in enumerate(adapter.blocks()):
+        for b in each_block("awq search", len(adapter.blocks())):
+            block = adapter.blocks()[b]
             refs = {r.role: r for r in adapter.linears() if r.block == b}
             outs, x = adapter.run_block_capturing(b, inputs)  # x[role]: (windows, seqlen, in), one batch
             kw = inputs.kwargs[0]  # rotary embeddings and mask of one window broadcast over the batch

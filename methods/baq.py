@@ -33,6 +33,7 @@ from bench.errors import ConfigError, check_range
 from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.progress import each_block
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.integer import restore_bias, stored_bias
 
@@ -104,7 +105,7 @@ class BAQ(Method):
         adapter = model.adapter
         inputs = adapter.capture_block_inputs(list(calib.windows))
         out: dict[str, Sensitivity] = {}
-        for b in range(len(adapter.blocks())):
+        for b in each_block("baq sensitivities", len(adapter.blocks())):
             inputs.hidden, hessians = block_hessians(adapter, inputs, b)
             for ref in (r for r in adapter.linears() if r.block == b):
                 W, H = without_dead_columns(ref.module.weight.data.float(), hessians.pop(ref.name))
@@ -126,7 +127,7 @@ class BAQ(Method):
             allocation = {n: allocate([sens[n]], self.bits, self.max_bits)[0] for n in names}
         packed = Packed(model.module, self.name, self.execution)
         inputs = adapter.capture_block_inputs(list(calib.windows))
-        for b in range(len(adapter.blocks())):
+        for b in each_block(self.name, len(adapter.blocks())):
             _, hessians = block_hessians(adapter, inputs, b)
             for ref in (r for r in adapter.linears() if r.block == b):
                 w = ref.module.weight.data

@@ -191,7 +191,7 @@ class BiLLM(Method):
             packed.layers[r.name] = {**stored, **stored_bias(r.module)}
             packed.layer_format[r.name] = f"billm-residual-binary-b{self.block_size}"
 
-        quantize_blockwise(model.adapter, calib.windows, quantize_layer)
+        quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         return packed
 
     @torch.no_grad()

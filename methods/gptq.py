@@ -25,6 +25,7 @@ import torch
 from bench.errors import NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.progress import each_block
 from bench.quant.activation import ActivationQuantized
 from bench.quant import n_groups, resolve_group_size
 from bench.quant.integer import (from_codes, grid_params, int_format, load_int_layer, restore_bias,
@@ -62,13 +63,15 @@ def block_hessians(adapter, inputs, b: int) -> tuple[list[torch.Tensor], dict[st
 
 
 @torch.no_grad()
-def quantize_blockwise(adapter, windows: torch.Tensor, quantize_layer: Callable[[object, torch.Tensor], None]) -> None:
+def quantize_blockwise(adapter, windows: torch.Tensor, quantize_layer: Callable[[object, torch.Tensor], None],
+                       label: str) -> None:
     """The GPTQ-style calibration schedule: per decoder block, gather every linear's Hessian from the block's
     cached inputs, call `quantize_layer(ref, H)` for each linear (it writes the quantized weight in place),
-    then run the quantized block to produce the next block's inputs (as the reference)."""
+    then run the quantized block to produce the next block's inputs (as the reference). `label` names the
+    method in the per-block progress line."""
     inputs = adapter.capture_block_inputs(list(windows))
     refs = list(adapter.linears())
-    for b in range(len(adapter.blocks())):
+    for b in each_block(label, len(adapter.blocks())):
         _, hessians = block_hessians(adapter, inputs, b)
         for r in (r for r in refs if r.block == b):
             quantize_layer(r, hessians.pop(r.name))
@@ -217,7 +220,7 @@ class GPTQ(ActivationQuantized, Method):
             packed.layers[r.name] = stored
             packed.layer_format[r.name] = self.fmt()
 
-        quantize_blockwise(model.adapter, calib.windows, quantize_layer)
+        quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         packed.info["calib_tokens"] = int(calib.windows.numel())
         return self.runtime_hooks(model, packed)
 

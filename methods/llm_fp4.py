@@ -36,6 +36,7 @@ import torch
 from bench.errors import ConfigError, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.progress import each_block
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FloatFormat, decode_float, encode_float, fake_quant_float_bias
 from bench.quant.integer import restore_bias, stored_bias
@@ -170,7 +171,7 @@ class LLMFP4(Method):
         adapter = model.adapter
         packed = Packed(model.module, self.name, self.execution)
         inputs = adapter.capture_block_inputs(list(calib.windows))
-        for b in range(len(adapter.blocks())):
+        for b in each_block(self.name, len(adapter.blocks())):
             outs, feats = adapter.run_block_capturing(b, inputs)
             for ref in (r for r in adapter.linears() if r.block == b):
                 x = feats[ref.role].reshape(-1, feats[ref.role].shape[-1]).to(torch.float32)

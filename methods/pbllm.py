@@ -115,7 +115,7 @@ class PBLLM(Method):
             packed.layers[r.name] = {**stored, **stored_bias(r.module)}
             packed.layer_format[r.name] = f"pbllm-binary+int{self.salient_bits}-{self.salient_fraction:g}salient"
 
-        quantize_blockwise(model.adapter, calib.windows, quantize_layer)
+        quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         return packed
 
     @torch.no_grad()

@@ -68,5 +68,5 @@ class SparseGPT(Pruning):
             pruned, kept = sparsegpt_prune(w, H, spec, self.damp, self.block_size, ref.name)
             self.store(packed, ref, w, pruned, kept)
 
-        quantize_blockwise(model.adapter, calib.windows, prune_layer)
+        quantize_blockwise(model.adapter, calib.windows, prune_layer, self.name)
         return packed

@@ -32,5 +32,5 @@ class Wanda(Pruning):
             score = w.abs() * torch.diag(H).clamp(min=0).sqrt()[None, :]
             self.store(packed, ref, w, w, keep_top(score, self.spec, per_row=True))
 
-        quantize_blockwise(model.adapter, calib.windows, prune_layer)
+        quantize_blockwise(model.adapter, calib.windows, prune_layer, self.name)
         return packed

@@ -88,8 +88,11 @@ def test_gptq_on_a_model_restores_bit_exactly_and_counts_its_bytes(tiny_llama, t
     assert codes.max() <= 7
 
 
-def test_gptq_is_deterministic(tiny_llama):
+def test_gptq_is_deterministic_and_reports_each_block(tiny_llama, capsys):
     a = GPTQ(bits=2, group_size=32).compress(models.clone(tiny_llama), random_calib(), Budget(name="t"))
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bench: gptq: block")]
+    n = len(tiny_llama.adapter.blocks())
+    assert [line.split(" done")[0] for line in progress] == [f"bench: gptq: block {b}/{n}" for b in range(1, n + 1)]
     b = GPTQ(bits=2, group_size=32).compress(models.clone(tiny_llama), random_calib(), Budget(name="t"))
     for name in a.layers:
         assert torch.equal(a.layers[name]["qweight"], b.layers[name]["qweight"])
