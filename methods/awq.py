@@ -30,7 +30,7 @@ from torch import nn
 from bench.methods.rtn import RTN
 from bench.methods.smoothquant import scale_norm_
 from bench.progress import each_block
-from bench.quant import quantize_rtn
+from bench.quant import quantize_rtn, resolve_group_size
 
 N_GRID = 20
 CLIP_MAX_SHRINK = 0.5
@@ -108,8 +108,8 @@ class AWQ(RTN):
     def clip_limits(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per (row, group) max |w| after clipping, expanded to w's shape; w (out, in), x (tokens, in). The
         groups are the quantizer's column slices; the last may be shorter (576 = 4 x 128 + 64)."""
-        out_f, in_f = w.shape
-        g = in_f if self.group_size in (-1, 0) else self.group_size
+        in_f = w.shape[1]
+        g = resolve_group_size(self.group_size, in_f)
         x = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
         starts = range(0, in_f, g)
         org_max = torch.stack([w[:, c:c + g].abs().amax(dim=1) for c in starts], dim=1)  # (out, groups)
