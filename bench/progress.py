@@ -1,5 +1,6 @@
-"""A line per decoder block for the block-wise calibration passes (gptq, awq, abq, baq, llm_fp4): at the
-default budget they run from minutes to hours and would otherwise print nothing until they end."""
+"""A line per decoder block for the block-wise calibration passes (gptq and the other quantize_blockwise
+users, awq, abq, baq, llm_fp4): at the default budget they run from minutes to hours and would otherwise
+print nothing until they end."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from bench.methods.rtn import RTN
 from bench.methods.smoothquant import scale_norm_
 from bench.progress import each_block
 from bench.quant import quantize_rtn, resolve_group_size
+from bench.quant.integer import group_minmax
 
 N_GRID = 20
 CLIP_MAX_SHRINK = 0.5
@@ -112,7 +113,7 @@ class AWQ(RTN):
         g = resolve_group_size(self.group_size, in_f)
         x = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
         starts = range(0, in_f, g)
-        org_max = torch.stack([w[:, c:c + g].abs().amax(dim=1) for c in starts], dim=1)  # (out, groups)
+        org_max = group_minmax(w.abs(), g)[1]  # (out, groups)
         best_err = torch.full_like(org_max, float("inf"))
         best = org_max.clone()
         for i in range(int(CLIP_MAX_SHRINK * N_GRID)):
