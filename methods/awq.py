@@ -31,7 +31,7 @@ from bench.methods.rtn import RTN
 from bench.methods.smoothquant import scale_norm_
 from bench.progress import each_block
 from bench.quant import quantize_rtn, resolve_group_size
-from bench.quant.integer import group_minmax
+from bench.quant.integer import expand_groups, group_minmax
 
 N_GRID = 20
 CLIP_MAX_SHRINK = 0.5
@@ -118,13 +118,13 @@ class AWQ(RTN):
         best = org_max.clone()
         for i in range(int(CLIP_MAX_SHRINK * N_GRID)):
             max_val = org_max * (1 - i / N_GRID)
-            bound = max_val.repeat_interleave(g, dim=1)[:, :in_f]
+            bound = expand_groups(max_val, g, in_f)
             delta = self._fake_quant(torch.clamp(w, -bound, bound)) - w
             # each group's output error, mean over tokens: the reference's ((x * q).sum - (x * w).sum)^2
             err = torch.stack([(x[:, c:c + g] @ delta[:, c:c + g].T).pow(2).mean(dim=0) for c in starts], dim=1)
             better = err < best_err
             best_err[better], best[better] = err[better], max_val[better]
-        return best.repeat_interleave(g, dim=1)[:, :in_f]
+        return expand_groups(best, g, in_f)
 
     @torch.no_grad()
     def compress(self, model, calib, budget):

@@ -22,7 +22,7 @@ from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
-from bench.quant.integer import restore_bias, stored_bias
+from bench.quant.integer import expand_groups, restore_bias, stored_bias
 
 _MAGNITUDES = {3: [0.0, 1.0, 2.0, 4.0], 4: [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]}
 _SPECIAL = {3: {"er": 3.0, "ea": 6.0}, 4: {"er": 10.0, "ea": 16.0}}
@@ -80,8 +80,8 @@ def dequantize_bitmod(codes: torch.Tensor, scales: torch.Tensor, selectors: torc
                       g: int) -> torch.Tensor:
     tables = torch.stack([datatype_values(bits, d) for d in DATATYPES])
     in_f = codes.shape[1]
-    sel = selectors.long().repeat_interleave(g, dim=1)[:, :in_f]
-    s = scales.to(torch.float32).repeat_interleave(g, dim=1)[:, :in_f]
+    sel = expand_groups(selectors.long(), g, in_f)
+    s = expand_groups(scales.to(torch.float32), g, in_f)
     return tables[sel, codes.long()] * s
 
 

@@ -37,7 +37,7 @@ from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
-from bench.quant.integer import fp16_ste, n_groups, restore_bias, stored_bias
+from bench.quant.integer import expand_groups, fp16_ste, n_groups, restore_bias, stored_bias
 
 INIT_GRID = torch.linspace(0.05, 1.0, 96)  # candidate s as fractions of the group's max |w|
 
@@ -88,7 +88,7 @@ class DualBinaryLinear(nn.Module):
     def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """a1, a2 as stored (fp16), expanded to the weight's columns; gradients pass the rounding."""
         in_f = self.weight.shape[1]
-        return tuple(fp16_ste(a).repeat_interleave(self.g, dim=1)[:, :in_f] for a in (self.alpha1, self.alpha2))
+        return tuple(expand_groups(fp16_ste(a), self.g, in_f) for a in (self.alpha1, self.alpha2))
 
     def quantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dequantized weight (straight-through to the latent weight inside the level range) and the planes."""
@@ -166,6 +166,6 @@ class DBLLM(Method):
         out_f, in_f = ref.module.weight.shape
         g = resolve_group_size(self.group_size, in_f, ref.name)
         b1, b2 = (unpack_bits(stored[k], 1, out_f * in_f, (out_f, in_f)).float() for k in ("plane1", "plane2"))
-        a1, a2 = (stored[k].float().repeat_interleave(g, dim=1)[:, :in_f] for k in ("alpha1", "alpha2"))
+        a1, a2 = (expand_groups(stored[k].float(), g, in_f) for k in ("alpha1", "alpha2"))
         ref.module.weight.data.copy_(a1 * b1 + a2 * b2)
         restore_bias(ref.module, stored)

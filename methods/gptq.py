@@ -28,7 +28,7 @@ from bench.plugins import Method
 from bench.progress import each_block
 from bench.quant.activation import ActivationQuantized
 from bench.quant import n_groups, resolve_group_size
-from bench.quant.integer import (from_codes, grid_params, int_format, load_int_layer, restore_bias,
+from bench.quant.integer import (expand_groups, from_codes, grid_params, int_format, load_int_layer, restore_bias,
                                  stored_int_layer, to_codes)
 
 
@@ -162,8 +162,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: 
         return from_codes(codes[:, c], *grid, bits)
 
     loss = gptq_sweep(W, Hinv, block_size, quantize_column)
-    deq = from_codes(codes, scales.repeat_interleave(g, dim=1)[:, :cols],
-                     None if zeros is None else zeros.repeat_interleave(g, dim=1)[:, :cols], bits)
+    deq = from_codes(codes, expand_groups(scales, g, cols),
+                     None if zeros is None else expand_groups(zeros, g, cols), bits)
     if perm is not None:
         inv = torch.argsort(perm)
         codes, deq = codes[:, inv], deq[:, inv]

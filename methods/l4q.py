@@ -26,7 +26,8 @@ from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import fp16_ste, int_format, load_int_layer, restore_bias, round_ste, stored_int_layer
+from bench.quant.integer import (expand_groups, fp16_ste, int_format, load_int_layer, restore_bias, round_ste,
+                                 stored_int_layer)
 
 
 class L4QLinear(nn.Module):
@@ -51,8 +52,8 @@ class L4QLinear(nn.Module):
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fake-quantized w and its codes on the learned grid (step rounded to its fp16 storage)."""
         in_f, maxq = w.shape[1], 2**self.bits - 1
-        s = self.stored_step().repeat_interleave(self.g, dim=1)[:, :in_f]
-        z = torch.clamp(round_ste(self.offset), 0, maxq).repeat_interleave(self.g, dim=1)[:, :in_f]
+        s = expand_groups(self.stored_step(), self.g, in_f)
+        z = expand_groups(torch.clamp(round_ste(self.offset), 0, maxq), self.g, in_f)
         codes = torch.clamp(round_ste(w / s) + z, 0, maxq)
         return (codes - z) * s, codes.detach()
 

@@ -30,7 +30,7 @@ from bench.methods.gptq import gptq_sweep, inverse_hessian_factor, quantize_bloc
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import n_groups, pack_bits, resolve_group_size, unpack_bits
-from bench.quant.integer import from_codes, grid_params, restore_bias, stored_bias, to_codes
+from bench.quant.integer import expand_groups, from_codes, grid_params, restore_bias, stored_bias, to_codes
 
 
 def pbllm_quantize(weight: torch.Tensor, H: torch.Tensor, salient_fraction: float, salient_bits: int,
@@ -76,7 +76,7 @@ def pbllm_quantize(weight: torch.Tensor, H: torch.Tensor, salient_fraction: floa
 
 def dequantize_pbllm(salient, signs, salient_codes, binary_params, scale, zero, bits, g) -> torch.Tensor:
     rows, cols = salient.shape
-    p = binary_params.to(torch.float32).repeat_interleave(g, dim=1)[:, :cols]
+    p = expand_groups(binary_params.to(torch.float32), g, cols)
     out = torch.empty(rows, cols)
     a, m = p[..., 0][~salient], p[..., 1][~salient]
     out[~salient] = torch.where(signs, a, -a) + m

@@ -17,6 +17,7 @@ from functools import cached_property
 import torch
 
 from bench.errors import ConfigError
+from bench.quant.integer import expand_groups, group_minmax, resolve_group_size
 
 
 @dataclass(frozen=True)
@@ -123,22 +124,20 @@ class FloatQuantized:
     fmt: FloatFormat
 
     def dequantize(self) -> torch.Tensor:
-        s = self.scale.to(torch.float32).repeat_interleave(self.group_size, dim=1)[:, :self.codes.shape[1]]
+        s = expand_groups(self.scale.to(torch.float32), self.group_size, self.codes.shape[1])
         return decode_float(self.codes, self.fmt) * s
 
 
 def quantize_float(w: torch.Tensor, fmt: FloatFormat, group_size: int = -1, layer: str = "") -> FloatQuantized:
     """Round-to-nearest of `w` (out, in) onto `fmt` with an fp16 absmax scale per (row, group of columns)
     (group layout as in integer.py)."""
-    from bench.quant.integer import group_minmax, resolve_group_size
-
     out, inp = w.shape
     g = resolve_group_size(group_size, inp, layer)
     x = w.detach().to(torch.float32)
     lo, hi = group_minmax(x, g)
     amax = torch.maximum(lo.abs(), hi.abs())
     scale = (amax / fmt.max_value).clamp(min=1e-8).to(torch.float16)
-    s = scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :inp]
+    s = expand_groups(scale.to(torch.float32), g, inp)
     codes, _ = encode_float(x / s, fmt)
     return FloatQuantized(codes, scale, g, fmt)
 

@@ -28,11 +28,11 @@ class IntQuantized:
 
     def dequantize(self) -> torch.Tensor:
         g = self.group_size
-        s = self.scale.to(torch.float32).repeat_interleave(g, dim=1)[:, :self.codes.shape[1]]
+        s = expand_groups(self.scale.to(torch.float32), g, self.codes.shape[1])
         if self.symmetric:
             z = float(2 ** (self.bits - 1))
         else:
-            z = self.zero.to(torch.float32).repeat_interleave(g, dim=1)[:, :self.codes.shape[1]]
+            z = expand_groups(self.zero.to(torch.float32), g, self.codes.shape[1])
         return (self.codes.to(torch.float32) - z) * s
 
 
@@ -54,6 +54,12 @@ def resolve_group_size(group_size: int, in_features: int, layer: str = "") -> in
 
 def n_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / group_size)
+
+
+def expand_groups(per_group: torch.Tensor, g: int, cols: int) -> torch.Tensor:
+    """A per-(row, group) tensor (out, n_groups) spread over the columns it covers (out, cols), the ragged
+    last group cut to the layer width."""
+    return per_group.repeat_interleave(g, dim=1)[:, :cols]
 
 
 def group_minmax(x: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +115,8 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bo
     g = resolve_group_size(group_size, inp, layer)
     x = w.detach().to(torch.float32)
     scale, zero = grid_params(*group_minmax(x, g), bits, symmetric)
-    s = scale.repeat_interleave(g, dim=1)[:, :inp]
-    z = None if zero is None else zero.repeat_interleave(g, dim=1)[:, :inp]
+    s = expand_groups(scale, g, inp)
+    z = None if zero is None else expand_groups(zero, g, inp)
     codes = to_codes(x, s, z, bits)
     return IntQuantized(codes.to(torch.uint8), scale, None if zero is None else zero.to(torch.uint8), bits, g,
                         symmetric)
