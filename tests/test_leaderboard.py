@@ -203,3 +203,24 @@ def test_a_backends_deployed_accuracy_is_shown_beside_the_torch_one(results_dir)
     assert rec["cpu_kernels.deployed_execution"] == "ort-matmulnbits-int4-b128-acc4"
     html = (build_site(results_dir).parent / f"{page.slug}.html").read_text()
     assert "deployed (ort-matmulnbits-int4-b128-acc4): 10.73" in html
+
+
+def test_labels_name_the_settings_that_differ_across_the_page(results_dir):
+    from bench import tracking
+    from bench.leaderboard.collect import build_pages
+
+    tracking.setup(results_dir)
+    for method, params, value in [("gptq", {"bits": 3, "group_size": 32, "damp": 0.01}, 40.0),
+                                  ("awq", {"bits": 4, "group_size": 128}, 25.0),
+                                  ("awq", {"bits": 3, "group_size": 128}, 50.0),
+                                  ("sign", {}, 900.0)]:
+        with tracking.Run("r", {"method": {"name": method, **params}, "seed": 0},
+                          {"bench.method": method, "bench.task": "t", "bench.model": "x", "bench.seed": "0",
+                           "bench.hardware": "cpu", "metric.t.ppl.direction": "lower",
+                           "bench.primary_metric": "t.ppl"}) as run:
+            run.metrics({"t.ppl": value})
+    [page], _ = build_pages(results_dir)
+    # gptq has one row, yet its bits and group size differ from awq's; damp is gptq's alone and shared by all
+    # its rows; sign has none of these keys
+    assert [r.label for r in page.rows] == ["awq (bits=4, group_size=128)", "gptq (bits=3, group_size=32)",
+                                            "awq (bits=3, group_size=128)", "sign"]

@@ -186,15 +186,20 @@ def _backend_cell(run, head: str) -> BackendCell:
 
 
 def _label_rows(rows: list[Row]) -> None:
-    """A row's label is its method name plus the settings that tell it apart from same-method rows."""
+    """A row's label is its method name plus the settings that tell it apart from the page's other rows: those
+    that differ between its method's rows, and those of its own keys that differ across the page (so a lone
+    `gptq (bits=3, group_size=32)` is not read as the same setting as `awq (bits=4, group_size=128)`)."""
+    across_page = {k for r in rows for k in r.method_params
+                   if len({x.method_params[k] for x in rows if k in x.method_params}) > 1}
     by_method = defaultdict(list)
     for r in rows:
         by_method[r.method].append(r)
     for same in by_method.values():
-        varying = sorted({k for r in same for k in r.method_params
-                          if len({x.method_params.get(k) for x in same}) > 1})
+        within_method = {k for r in same for k in r.method_params
+                         if len({x.method_params.get(k) for x in same}) > 1}
         for r in same:
-            extra = [f"{k}={r.method_params.get(k)}" for k in varying]
+            shown = within_method | (across_page & set(r.method_params))
+            extra = [f"{k}={r.method_params.get(k)}" for k in sorted(shown)]
             if len({(x.calib, x.budget) for x in same}) > 1:
                 extra += [f"calib={r.calib}", f"budget={r.budget}"]
             r.label = r.method + (f" ({', '.join(extra)})" if extra else "")
