@@ -205,22 +205,27 @@ def test_a_backends_deployed_accuracy_is_shown_beside_the_torch_one(results_dir)
     assert "deployed (ort-matmulnbits-int4-b128-acc4): 10.73" in html
 
 
-def test_labels_name_the_settings_that_differ_across_the_page(results_dir):
+def test_labels_name_the_settings_that_differ_from_defaults_or_across_the_page(results_dir):
     from bench import tracking
     from bench.leaderboard.collect import build_pages
 
     tracking.setup(results_dir)
-    for method, params, value in [("gptq", {"bits": 3, "group_size": 32, "damp": 0.01}, 40.0),
-                                  ("awq", {"bits": 4, "group_size": 128}, 25.0),
-                                  ("awq", {"bits": 3, "group_size": 128}, 50.0),
-                                  ("sign", {}, 900.0)]:
+    for task, method, params, value in [("t", "gptq", {"bits": 3, "group_size": 32, "damp": 0.01}, 40.0),
+                                        ("t", "awq", {"bits": 4, "group_size": 128}, 25.0),
+                                        ("t", "awq", {"bits": 3, "group_size": 128}, 50.0),
+                                        ("t", "sign", {}, 900.0),
+                                        ("u", "gptq", {"bits": 3, "group_size": 128, "damp": 0.01}, 60.0),
+                                        ("u", "mine", {"bits": 3}, 70.0)]:
         with tracking.Run("r", {"method": {"name": method, **params}, "seed": 0},
-                          {"bench.method": method, "bench.task": "t", "bench.model": "x", "bench.seed": "0",
-                           "bench.hardware": "cpu", "metric.t.ppl.direction": "lower",
-                           "bench.primary_metric": "t.ppl"}) as run:
-            run.metrics({"t.ppl": value})
-    [page], _ = build_pages(results_dir)
-    # gptq has one row, yet its bits and group size differ from awq's; damp is gptq's alone and shared by all
-    # its rows; sign has none of these keys
-    assert [r.label for r in page.rows] == ["awq (bits=4, group_size=128)", "gptq (bits=3, group_size=32)",
-                                            "awq (bits=3, group_size=128)", "sign"]
+                          {"bench.method": method, "bench.task": task, "bench.model": "x", "bench.seed": "0",
+                           "bench.hardware": "cpu", "metric.ppl.direction": "lower",
+                           "bench.primary_metric": "ppl"}) as run:
+            run.metrics({"ppl": value})
+    pages = {p.task: p for p in build_pages(results_dir)[0]}
+    # awq W4g128 is awq's shipped default, named here because the page's other rows differ; damp is gptq's
+    # default everywhere; sign has none of these keys
+    assert [r.label for r in pages["t"].rows] == ["awq (bits=4, group_size=128)", "gptq (bits=3, group_size=32)",
+                                                  "awq (bits=3, group_size=128)", "sign"]
+    # alone on its page, gptq still names the setting it changed from configs/method/gptq.yaml (bits 4); a method
+    # without a shipped YAML names only what differs across the page
+    assert [r.label for r in pages["u"].rows] == ["gptq (bits=3)", "mine"]

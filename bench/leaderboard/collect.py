@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import importlib.resources
 import json
 import math
+import re
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from bench import stats, tracking
 
@@ -185,20 +189,36 @@ def _backend_cell(run, head: str) -> BackendCell:
     return cell
 
 
+@functools.cache
+def _shipped_defaults(method: str) -> dict[str, str]:
+    """The settings the method's shipped YAML gives it, as strings like the stored params; {} for a name without
+    one. Interpolations (`seed: ${seed}`) are left out: their stored values are resolved."""
+    if not re.fullmatch(r"\w+", method):
+        return {}
+    path = importlib.resources.files("bench.configs").joinpath("method", f"{method}.yaml")
+    if not path.is_file():
+        return {}
+    flat = tracking.flatten(OmegaConf.to_container(OmegaConf.create(path.read_text()), resolve=False))
+    return {k: v for k, v in flat.items() if not v.startswith("${")}
+
+
 def _label_rows(rows: list[Row]) -> None:
-    """A row's label is its method name plus the settings that tell it apart from the page's other rows: those
-    that differ between its method's rows, and those of its own keys that differ across the page (so a lone
-    `gptq (bits=3, group_size=32)` is not read as the same setting as `awq (bits=4, group_size=128)`)."""
+    """A row's label is its method name plus the settings a reader needs to tell what was run: those that differ
+    from the method's shipped defaults, those that differ between its method's rows, and those of its own keys
+    that differ across the page (so a lone `gptq (bits=3, group_size=32)` is not read as the default setting, nor
+    as the same setting as `awq (bits=4, group_size=128)`)."""
     across_page = {k for r in rows for k in r.method_params
                    if len({x.method_params[k] for x in rows if k in x.method_params}) > 1}
     by_method = defaultdict(list)
     for r in rows:
         by_method[r.method].append(r)
-    for same in by_method.values():
+    for method, same in by_method.items():
+        defaults = _shipped_defaults(method)
         within_method = {k for r in same for k in r.method_params
                          if len({x.method_params.get(k) for x in same}) > 1}
         for r in same:
-            shown = within_method | (across_page & set(r.method_params))
+            changed = {k for k, v in r.method_params.items() if k in defaults and defaults[k] != v}
+            shown = changed | within_method | (across_page & set(r.method_params))
             extra = [f"{k}={r.method_params.get(k)}" for k in sorted(shown)]
             if len({(x.calib, x.budget) for x in same}) > 1:
                 extra += [f"calib={r.calib}", f"budget={r.budget}"]
