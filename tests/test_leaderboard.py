@@ -153,7 +153,8 @@ def test_seed_repeats_are_aggregated_as_mean_and_std(results_dir):
 
     tracking.setup(results_dir)
     for seed, value in [(0, 10.0), (1, 12.0), (2, 14.0)]:
-        with tracking.Run("r", {"method": {"name": "m", "bits": 2}, "seed": seed},
+        # the method's own seed follows the run's (`seed: ${seed}` in its YAML), as binarymos's and onebit's do
+        with tracking.Run("r", {"method": {"name": "m", "bits": 2, "seed": seed}, "seed": seed},
                           {"bench.method": "m", "bench.task": "t", "bench.model": "x", "bench.seed": str(seed),
                            "bench.hardware": "cpu", "metric.t.ppl.direction": "lower",
                            "bench.primary_metric": "t.ppl"}) as run:

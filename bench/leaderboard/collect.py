@@ -31,7 +31,7 @@ from bench import stats, tracking
 
 ALPHA = 0.05
 BACKEND_ORDER = ("cpu",)  # the backend whose run supplies a row's accuracy; others follow alphabetically
-SKIP_METHOD_PARAMS = {"_target_", "name"}
+SKIP_METHOD_PARAMS = {"_target_", "name", "seed"}  # seeds are aggregated within a row, not rows
 
 
 @dataclass
