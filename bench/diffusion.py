@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import precision
 from bench.cache import ArtifactStore, content_key
 from bench.errors import ConfigError, DataMissing
 
@@ -292,7 +293,9 @@ def cached_train(kind: str, recipe, data: ImageSet, cache_dir: str | None, train
         record = json.loads(meta.get("record", "{}"))
         record.update({"cache": "hit", "key": key})
         return model, record
-    with torch.enable_grad():  # callers may sit inside no_grad (a task's evaluate)
+    # callers may sit inside no_grad (a task's evaluate) or a bf16 run: a suite-trained model is a base model,
+    # the same for every run precision, so it trains in fp32
+    with torch.enable_grad(), precision.fp32():
         model, record = train_fn(recipe, data)
     store.save(key, {k: v.contiguous() for k, v in model.state_dict().items()},
                {"record": json.dumps(record), "recipe": json.dumps(asdict(recipe)), "data_sha256": data.sha256})

@@ -15,14 +15,25 @@ from pathlib import Path
 
 import torch
 
+from bench import precision
 from bench.cache import atomic_write_bytes
 
 
 def hflm(model, max_length: int, batch_size: int = 1):
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model.module, tokenizer=model.tokenizer, max_length=max_length,
-                batch_size=batch_size, device="cpu", dtype=torch.float32)
+    class FP32LogitsHFLM(HFLM):
+        """lm-eval's HFLM, with the logits upcast before lm-eval's log_softmax: under precision=bf16 the head
+        computes in bf16 and autocast leaves log_softmax in its input's dtype (a no-op under fp32)."""
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            return super()._model_call(inps, attn_mask, labels).float()
+
+    # HFLM opens its own autocast region around every forward, *disabled* unless it is given a mixed-precision
+    # dtype: the run's precision goes through lm-eval's own mechanism, or bf16 runs would score in fp32
+    mixed = torch.bfloat16 if precision.active() == "bf16" else None
+    return FP32LogitsHFLM(pretrained=model.module, tokenizer=model.tokenizer, max_length=max_length,
+                          batch_size=batch_size, device="cpu", dtype=torch.float32, mixed_precision_dtype=mixed)
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:

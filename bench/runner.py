@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from bench import calib as calib_mod
 from bench import recover as recover_mod
 from bench.recover import Recovery
-from bench import models, resources, sweep, tracking
+from bench import models, precision, resources, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
 from bench.plugins import Backend, Method, Task
@@ -76,6 +76,7 @@ def check_top_level(cfg: DictConfig) -> None:
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ConfigError(f"{key}={value} is not an integer >= {lo}", f"e.g. {key}={example}")
+    precision.check(cfg.precision)
 
 
 def _import(target: str):
@@ -148,10 +149,16 @@ class Runner:
                 "bench.seed": str(self.cfg.seed), "bench.config_hash": sweep.cell_hash(cfg),
                 "bench.sweep": sweep.sweep_id() or "-",
                 "bench.task_key": self._task_key(), "bench.model_weights_sha256": model.weights_sha256,
-                "bench.git_commit": tracking.git_commit(), "bench.threads": str(self.cfg.threads)}
+                "bench.git_commit": tracking.git_commit(), "bench.threads": str(self.cfg.threads),
+                "bench.precision": self.cfg.precision}
+        tags.update({f"precision.{k}": v for k, v in precision.kernels(self.cfg.precision).items()})
         tags.update({f"version.{k}": v for k, v in versions.items()})
         tags.update({f"machine.{k}": v for k, v in tracking.machine().items()})
         return tags
+
+    def _compute(self):
+        """Every forward of the cell (compression, recovery, evaluation, deployment, timing) runs in this."""
+        return precision.compute(self.cfg.precision)
 
     # -- one cell --------------------------------------------------------------------------------------
     def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, recover: Recovery, timings: dict):
@@ -163,6 +170,10 @@ class Runner:
                         "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
             run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
         parts = [model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method)]
+        if calib is not None and self.cfg.precision != precision.REFERENCE:
+            # calibration and training forwards ran in this precision, so the stored result depends on it;
+            # fp32 keys stay as they were before the axis existed, and data-free methods share one artifact
+            parts.append({"precision": self.cfg.precision})
         if recover.enabled:  # a recovered model is another artifact; unrecovered keys stay as they were
             parts += [OmegaConf.to_container(self.cfg.recover, resolve=True), file_sha256(recover_mod.__file__)[:16]]
         key = content_key(*parts)
@@ -180,10 +191,11 @@ class Runner:
                 run.tag({"bench.cache_discarded": e.problem})
                 print(f"bench: warning: {e.problem}; rebuilding it", file=sys.stderr)
         set_determinism(self.cfg.seed, self.cfg.threads)
-        packed = method.compress(models.clone(model), calib, self.budget)
-        if recover.enabled:
-            packed = recover.apply(model.module, models.with_module(model, packed.model), packed, calib,
-                                        self.budget)
+        with self._compute():
+            packed = method.compress(models.clone(model), calib, self.budget)
+            if recover.enabled:
+                packed = recover.apply(model.module, models.with_module(model, packed.model), packed, calib,
+                                       self.budget)
         timings["compress_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         tensors = packed.tensors(model)
@@ -226,7 +238,8 @@ class Runner:
             # --- evaluate ---
             t0 = time.perf_counter()
             evaluated = models.with_module(model, packed.model)
-            task_metrics = self.task.evaluate(evaluated, self.data_root)
+            with self._compute():
+                task_metrics = self.task.evaluate(evaluated, self.data_root)
             timings["evaluate_s"] = time.perf_counter() - t0
             for path in getattr(self.task, "artifact_files", []):  # e.g. a diffusion task's sample grid
                 run.file_artifact(path)
@@ -249,7 +262,8 @@ class Runner:
             t0 = time.perf_counter()
             reason = self.backend.supports(packed)
             if not reason:
-                deployed = self.backend.deploy(packed)
+                with self._compute():
+                    deployed = self.backend.deploy(packed)
                 if deployed is not packed:  # real kernels: the accuracy of what runs, beside the torch model's
                     timings["deploy_s"] = time.perf_counter() - t0
                     t1 = time.perf_counter()
@@ -257,7 +271,8 @@ class Runner:
                     late_tags["bench.deployed_execution"] = deployed.execution
                     timings["evaluate_deployed_s"] = time.perf_counter() - t1
                     t0 = time.perf_counter()
-                measured = self.backend.measure(deployed, self.task.workload(evaluated, self.data_root))
+                with self._compute():
+                    measured = self.backend.measure(deployed, self.task.workload(evaluated, self.data_root))
                 reason = measured.unsupported
             if reason:
                 late_tags.update({"bench.hardware_status": "unsupported", "bench.hardware_unsupported": reason})
@@ -274,7 +289,9 @@ class Runner:
     def _evaluate_deployed(self, run, evaluated: models.LoadedModel, packed, deployed, task_metrics) -> dict:
         """The task again, on the model the backend really runs: `<metric>.deployed` and its difference to the
         torch model's value, `<metric>.deployed_minus_<execution>` (e.g. ..._minus_fake_quant)."""
-        again = {m.name: m for m in self.task.evaluate(models.with_module(evaluated, deployed.model), self.data_root)}
+        with self._compute():
+            again = {m.name: m for m in self.task.evaluate(models.with_module(evaluated, deployed.model),
+                                                           self.data_root)}
         out = {}
         for m in task_metrics:
             d = again.get(m.name)
@@ -293,7 +310,8 @@ class Runner:
     def baseline(self, model: models.LoadedModel) -> CellResult:
         prior = tracking.find_finished({"bench.method": "none", "bench.task_key": self._task_key(),
                                         "bench.model_weights_sha256": model.weights_sha256,
-                                        "bench.hardware": self.backend.name})
+                                        "bench.hardware": self.backend.name,
+                                        "bench.precision": self.cfg.precision})
         if prior:
             r = prior[0]
             return CellResult(r.info.run_id, "none", dict(r.data.metrics), dict(r.data.tags), reused=True)

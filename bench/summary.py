@@ -59,8 +59,10 @@ def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -
     t = result.timings
     split = ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items() if k.endswith("_s"))
     print(f"\nwall time: {split}")
+    prec = result.tags.get("bench.precision", "fp32")
+    kernel = result.tags.get("precision.bf16_matmul")
     print(f"model {runner.model_spec.name} | hardware {runner.backend.name} ({result.tags.get('hardware.threads', '?')} threads)"
-          f" | mlflow run {result.run_id}")
+          f" | compute {prec}{f' ({kernel})' if kernel else ''} | mlflow run {result.run_id}")
     for key, value in result.metrics.items():  # a backend with real kernels re-evaluated the task on them
         if key.endswith(".deployed"):
             name = key[:-len(".deployed")]
@@ -68,5 +70,5 @@ def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -
             print(f"deployed ({result.tags.get('bench.deployed_execution')}): {name} = {fmt(value)}; torch "
                   f"{result.tags.get('bench.execution')}: {fmt(result.metrics.get(name))}; difference {fmt(diff)}")
     if result.tags.get("bench.execution") == "fake-quant" and "bench.deployed_execution" not in result.tags:
-        print("note: latency/energy are for fake-quant execution (fp32 matmuls on dequantized weights); "
+        print(f"note: latency/energy are for fake-quant execution ({prec} matmuls on dequantized weights); "
               "accuracy is real, speed is not that of a low-bit kernel")

@@ -56,7 +56,7 @@ class DigitsTop1(Task):
         x, y = self.heldout(model)
         correct: list[float] = []
         for s in range(0, x.shape[0], self.batch_size):
-            logits = model.module(x[s:s + self.batch_size])
+            logits = model.module(x[s:s + self.batch_size]).float()
             correct += (logits.argmax(1) == y[s:s + self.batch_size]).float().tolist()
         notes = {"images": len(correct), "split": f"20% held out, randperm seed {self.split_seed}",
                  "dataset": "scikit-learn load_digits", "input_range": "[-1, 1]"}

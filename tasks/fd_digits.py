@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import diffusion
+from bench import diffusion, precision
 from bench.cache import content_key
 from bench.errors import ConfigError
 from bench.metrics import Metric
@@ -85,8 +85,9 @@ class DigitsFrechet(Task):
         from bench import models
 
         store = diffusion.trained_store(model.spec.results)
+        # sampled in the run's precision, like the student's samples they are paired with
         key = content_key("teacher_samples", model.weights_sha256, self.n_samples, self.steps, self.seed,
-                          self.protocol_version)
+                          self.protocol_version, *([] if precision.active() == "fp32" else [precision.active()]))
         if store.has(key):
             return store.load(key)[0]["samples"]
         base = models.load(model.spec)
@@ -110,11 +111,14 @@ class DigitsFrechet(Task):
     def evaluate(self, model, data_root: str | None = None) -> list[Metric]:
         samples = self.sample(model)
         teacher = self.teacher_samples(model)
-        lenet, lrec, data = self.extractor_model(model)
+        samples, teacher = samples.float(), teacher.float()
+        with precision.fp32():  # the measuring instrument (its training, if not cached, too) is the same at every precision
+            lenet, lrec, data = self.extractor_model(model)
+            f_s = lenet.features(samples.clamp(-1, 1)).double().numpy()
+            f_r = lenet.features(data.images).double().numpy()
+            probs = torch.softmax(lenet(samples.clamp(-1, 1)), dim=1)
         ds = f"digits{data.side}" if data.name == "sklearn_digits" else f"mnist{data.side}"
         ref = f"ref_{self.reference}{data.images.shape[0]}"
-        f_s = lenet.features(samples.clamp(-1, 1)).double().numpy()
-        f_r = lenet.features(data.images).double().numpy()
         fd = diffusion.frechet_distance(f_s, f_r)
         # context for the number: a seeded subset of as many real images scores this against the same reference
         g = torch.Generator().manual_seed(self.seed)
@@ -141,7 +145,6 @@ class DigitsFrechet(Task):
                    notes={"split": "seeded 80/20 of the dataset", "n_heldout": lrec.get("n_heldout")}),
         ]
         # the classifier's view of the samples: how often it is sure which digit it sees
-        probs = torch.softmax(lenet(samples.clamp(-1, 1)), dim=1)
         conf = probs.max(1).values
         metrics.append(Metric(f"{ds}.lenet_confident_frac.p0.9.{self.tag}", float((conf > 0.9).float().mean()),
                               "higher", per_sample=conf.tolist(), per_sample_name="lenet_max_prob"))

@@ -32,6 +32,7 @@ from torch import nn
 
 from bench import data as data_mod
 from bench import diffusion
+from bench.precision import fp32
 from bench.errors import ConfigError, DataMissing
 from bench.metrics import Metric
 from bench.plugins import Task, Workload
@@ -127,7 +128,8 @@ class DiffusionFID(Task):
         for s in range(0, len(images_uint8), self.batch):
             batch = [resize(img) for img in images_uint8[s:s + self.batch]]
             x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()
-            out.append(extractor(x).reshape(x.shape[0], -1).double().numpy())
+            with fp32():  # the measuring instrument computes the same at every run precision
+                out.append(extractor(x).reshape(x.shape[0], -1).double().numpy())
         return np.concatenate(out)
 
     # --- evaluate ---------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ class ImageNetClassification(Task):
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
             x = torch.from_numpy(np.stack([resize_center_crop(p, resize, crop, **opts) for p, _ in batch]))
-            logits = model.module(x.permute(0, 3, 1, 2).float())
+            logits = model.module(x.permute(0, 3, 1, 2).float()).float()
             labels = torch.tensor([c for _, c in batch])
             ranked = logits.topk(5, dim=1).indices
             top1 += (ranked[:, 0] == labels).float().tolist()

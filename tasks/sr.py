@@ -80,7 +80,7 @@ class SuperResolution(Task):
     def upscale(self, model, lr: np.ndarray) -> np.ndarray:
         rng = model.info["input_range"]
         x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() * (rng / 255.0)
-        y = model.module(x)[0].clamp(0, rng) * (255.0 / rng)
+        y = model.module(x)[0].float().clamp(0, rng) * (255.0 / rng)
         return y.round().permute(1, 2, 0).to(torch.uint8).numpy()
 
     def evaluate(self, model, data_root: str | None = None) -> list[Metric]:

@@ -1,7 +1,8 @@
 """Read the MLflow store into leaderboard pages. Reads only; never re-runs anything.
 
-A page is one (model, task, headline metric): the metric name carries the protocol and any `.firstN`
-limit, so a subset number never shares a table with a full one. A row is one method configuration
+A page is one (model, task, headline metric, compute precision): the metric name carries the protocol and any
+`.firstN` limit, so a subset number never shares a table with a full one, and a bf16 number never shares one with
+an fp32 number (runs recorded before the precision axis existed computed in fp32). A row is one method configuration
 (method params, plus calibration set and budget when the method used them); runs that differ only in
 seed are aggregated (mean +/- std), runs on several hardware backends fill that row's per-backend columns.
 Statistics (bootstrap CI, paired test against the best row) come from the per-sample values each run
@@ -103,10 +104,11 @@ class Page:
     rows: list[Row]
     backends: list[str]
     failed: list[dict]
+    precision: str = "fp32"  # how every forward of the page's runs was computed (bench.precision)
 
     @property
     def slug(self) -> str:
-        raw = f"{self.model}__{self.task}__{self.metric}"
+        raw = f"{self.model}__{self.task}__{self.metric}__{self.precision}"
         return "".join(c if c.isalnum() or c in "._-" else "_" for c in raw)
 
 
@@ -242,9 +244,9 @@ def build_pages(results_dir: str | Path) -> tuple[list[Page], list[dict]]:
             continue
         if head is None:
             continue
-        groups[(t.get("bench.model"), t.get("bench.task"), head)][_row_key(run)[0]].append(run)
+        groups[(t.get("bench.model"), t.get("bench.task"), head, run_precision(run))][_row_key(run)[0]].append(run)
     pages = []
-    for (model, task, head), rows_runs in groups.items():
+    for (model, task, head, precision), rows_runs in groups.items():
         rows = [_make_row(client, rr, head) for rr in rows_runs.values()]
         first = next(iter(rows_runs.values()))[0]
         names = [head] + sorted(set().union(*(_task_metrics(r) for rr in rows_runs.values() for r in rr)) - {head})
@@ -252,14 +254,19 @@ def build_pages(results_dir: str | Path) -> tuple[list[Page], list[dict]]:
         statistic = next((r.notes.get("per_sample_name") for r in rows if r.notes.get("per_sample_name")), "")
         backends = sorted({b for r in rows for b in r.backends}, key=_backend_rank)
         page = Page(model, task, head, direction, statistic, names, rows, backends,
-                    list(failed.get((model, task), [])))
+                    list(failed.get((model, task), [])), precision)
         _rank(page)
         _label_rows(rows)
         pages.append(page)
-    pages.sort(key=lambda p: (p.model, p.task, p.metric))
+    pages.sort(key=lambda p: (p.model, p.task, p.metric, p.precision != "fp32", p.precision))
     shown = {(p.model, p.task) for p in pages}
     orphans = [dict(f, model=m, task=t) for (m, t), fs in failed.items() if (m, t) not in shown for f in fs]
     return pages, orphans
+
+
+def run_precision(run) -> str:
+    """A run's compute precision; runs recorded before the axis existed computed every forward in fp32."""
+    return run.data.tags.get("bench.precision", "fp32")
 
 
 def _backend_rank(name: str) -> tuple[int, str]:

@@ -54,7 +54,8 @@ def records(pages: list[Page]) -> list[dict]:
     out = []
     for p in pages:
         for rank, r in enumerate(p.rows, 1):
-            rec = {"model": p.model, "task": p.task, "metric": p.metric, "direction": p.direction, "rank": rank,
+            rec = {"model": p.model, "task": p.task, "metric": p.metric, "precision": p.precision,
+                   "direction": p.direction, "rank": rank,
                    "method": r.method, "label": r.label, "family": r.family, "value": r.value,
                    "std_over_seeds": r.std, "n_seeds": len(r.runs), "seeds": ";".join(r.seeds),
                    "ci95_low": r.ci[0] if r.ci else None, "ci95_high": r.ci[1] if r.ci else None,
