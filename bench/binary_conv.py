@@ -41,6 +41,7 @@ from bench.distill import adamw_cosine, train_record
 from bench.errors import NotApplicable, NumericalFailure
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import signs
 from bench.quant.integer import restore_bias, stored_bias
@@ -63,7 +64,8 @@ class ApproxSign(torch.autograd.Function):
 
 
 def binarize_activations(x: torch.Tensor) -> torch.Tensor:
-    sigma = x.detach().flatten(1).std(dim=1).clamp(min=1e-5).view(-1, *([1] * (x.dim() - 1)))
+    # fp32 statistic: under autocast x may be bf16
+    sigma = x.detach().float().flatten(1).std(dim=1).clamp(min=1e-5).view(-1, *([1] * (x.dim() - 1)))
     return ApproxSign.apply(x / sigma)
 
 
@@ -127,7 +129,7 @@ def input_magnitudes(module: nn.Module, refs: list, images: torch.Tensor) -> dic
     """mean |x| of each target conv's input over the first calibration images."""
     sums: dict[str, list[float]] = {r.name: [] for r in refs}
     handles = [r.module.register_forward_pre_hook(
-        lambda _m, args, name=r.name: sums[name].append(float(args[0].abs().mean()))) for r in refs]
+        lambda _m, args, name=r.name: sums[name].append(float(args[0].float().abs().mean()))) for r in refs]
     try:
         for x in images[:ACT_MAG_IMAGES].split(4):
             module(x)
@@ -223,14 +225,15 @@ class BinaryConvMethod(Method):
             self.on_step(step, steps, layers)
             x = images[torch.randint(0, images.shape[0], (budget.batch_size,), generator=g)]
             with torch.no_grad():
-                target = teacher(x) / out_range
-            loss = F.mse_loss(student(x) / out_range, target)
+                target = teacher(x).float() / out_range
+            loss = F.mse_loss(student(x).float() / out_range, target)  # the loss from fp32 outputs
             if not torch.isfinite(loss):
                 raise NumericalFailure(f"{self.name} loss became {loss.item()} at step {step}", "lower budget.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            with fp32():  # backward and the update outside autocast
+                loss.backward()
+                opt.step()
+                sched.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.2e}")
         student.eval()

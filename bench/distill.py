@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.errors import NumericalFailure
+from bench.precision import fp32
 
 
 def frozen_student(teacher: nn.Module, make_layer: Callable[[nn.Module], nn.Module]):
@@ -97,11 +98,12 @@ def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             raise NumericalFailure(f"{desc} loss became {loss.item()} at step {step}",
                                    "lower budget.lr or check the calibration data")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if after_step is not None:
-            after_step()
+        with fp32():  # autocast wraps the forwards and the loss only: backward and the update run outside it
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
     student.eval()

@@ -46,6 +46,7 @@ from torch.func import functional_call
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import IntQuantized, n_groups, pack_levels, resolve_group_size, unpack_levels
 from bench.quant.activation import ActivationQuantized, fake_quant_activations
@@ -172,7 +173,7 @@ class ABQ(ActivationQuantized, Method):
         stats: dict[str, list[torch.Tensor]] = {}
 
         def record(role):
-            def hook(_m, args):
+            def hook(_m, args):  # fp32: activation min/max (the LET initialisation)
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 lo, hi = x.amin(dim=0), x.amax(dim=0)
                 stats[role] = [lo, hi] if role not in stats else [torch.minimum(stats[role][0], lo),
@@ -255,6 +256,7 @@ class ABQ(ActivationQuantized, Method):
             out.append(_Transform(a, False, (c,), torch.nn.Parameter(init_scale(c, (c,)))))
         return out
 
+    @fp32  # fp32: weight transforms (W @ shift, the rank-1 l r^T) and the LWC quantizer
     def _quantized_params(self, refs, norms, rel, transforms, clip, comp, g, out_role, with_codes):
         """The block's parameters after LET, compensation and LWC fake-quant, by name relative to the block
         (for functional_call); with `with_codes`, also each linear's stored tensors."""
@@ -320,7 +322,7 @@ class ABQ(ActivationQuantized, Method):
                 x_q = torch.cat([q_in[i] for i in idx])
                 t_fp = torch.cat([fp_out[i] for i in idx])
                 with torch.no_grad():
-                    t_q = _first(block(x_q, **kw))  # fp block on the quantized model's input
+                    t_q = _first(block(x_q, **kw)).float()  # fp block on the quantized model's input
                     maps.clear()
                     block(torch.cat([fp_in[i] for i in idx]), **kw)  # fp block on fp input: teacher maps
                     a_fp = maps.pop().float()
@@ -334,14 +336,16 @@ class ABQ(ActivationQuantized, Method):
                     for h in hooks:
                         h.remove()
                 a_q = maps.pop().float()
+                out, t_fp = out.float(), t_fp.float()  # the loss from fp32 outputs
                 loss = (F.mse_loss(out, t_fp) + F.mse_loss(out, t_q) + _neg_log_cos(out, t_fp)
                         + _neg_log_cos(out, t_q) + _kl(a_fp, a_q) + _kl(a_q, a_fp))
                 if not torch.isfinite(loss):
                     raise NumericalFailure(f"abq loss of block {b} is {float(loss)} at step {step}",
                                            "lower method.let_lr/lwc_lr or set method.let=false")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                with fp32():  # backward and the update outside autocast
+                    loss.backward()
+                    opt.step()
                 history.append(float(loss.detach()))
         finally:
             grab.remove()

@@ -29,6 +29,7 @@ from torch import nn
 
 from bench.methods.rtn import RTN
 from bench.methods.smoothquant import scale_norm_
+from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import quantize_rtn, resolve_group_size
 from bench.quant.integer import expand_groups, group_minmax
@@ -56,18 +57,20 @@ def _output_error(consumer: nn.Module, linears: list[nn.Module], x: torch.Tensor
     A linear consuming its own input needs no forward: the MSE is the quadratic form of the weight change
     with the Gram matrix x^T x (the same number, 20 forwards of all calibration tokens saved)."""
     if len(linears) == 1 and consumer is linears[0] and isinstance(consumer, nn.Linear):
-        flat = x.reshape(-1, x.shape[-1])
-        gram = (flat.T @ flat).double()
+        flat = x.reshape(-1, x.shape[-1]).float()
+        with fp32():  # fp32: the Gram matrix x^T x
+            gram = (flat.T @ flat).double()
         before = consumer.weight.data.clone().double()
 
+        @fp32  # fp32 (float64 here): the search's quadratic-form error
         def linear_error() -> float:
             d = consumer.weight.data.double() - before
             return float(((d @ gram) * d).sum()) / (flat.shape[0] * d.shape[0])
         return linear_error
-    reference = _first(consumer(x, **kwargs))
+    reference = _first(consumer(x, **kwargs)).float()
 
-    def forward_error() -> float:
-        return float((reference - _first(consumer(x, **kwargs))).float().pow(2).mean())
+    def forward_error() -> float:  # the consumer runs in the run's precision; its error is compared in fp32
+        return float((reference - _first(consumer(x, **kwargs)).float()).pow(2).mean())
     return forward_error
 
 
@@ -89,7 +92,7 @@ class AWQ(RTN):
     def _search_scale(self, consumer: nn.Module, linears: list[nn.Module], x: torch.Tensor, kwargs: dict
                       ) -> tuple[torch.Tensor, float]:
         output_error = _output_error(consumer, linears, x, kwargs)
-        x_mean = x.abs().reshape(-1, x.shape[-1]).mean(dim=0)
+        x_mean = x.float().abs().reshape(-1, x.shape[-1]).mean(dim=0)  # fp32: activation statistics
         originals = [lin.weight.data.clone() for lin in linears]
         best, best_ratio, best_scales = float("inf"), -1.0, None
         for step in range(N_GRID):
@@ -106,12 +109,13 @@ class AWQ(RTN):
         return best_scales, best_ratio
 
     @torch.no_grad()
+    @fp32  # fp32: the clipping search's group output errors (x @ delta^T)
     def clip_limits(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per (row, group) max |w| after clipping, expanded to w's shape; w (out, in), x (tokens, in). The
         groups are the quantizer's column slices; the last may be shorter (576 = 4 x 128 + 64)."""
         in_f = w.shape[1]
         g = resolve_group_size(self.group_size, in_f)
-        x = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
+        x = x[:: max(1, x.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS].float()
         starts = range(0, in_f, g)
         org_max = group_minmax(w.abs(), g)[1]  # (out, groups)
         best_err = torch.full_like(org_max, float("inf"))

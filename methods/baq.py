@@ -33,6 +33,7 @@ from bench.errors import ConfigError, check_range
 from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.integer import restore_bias, stored_bias
@@ -108,12 +109,13 @@ class BAQ(Method):
         for b in each_block("baq sensitivities", len(adapter.blocks())):
             inputs.hidden, hessians = block_hessians(adapter, inputs, b)
             for ref in (r for r in adapter.linears() if r.block == b):
-                W, H = without_dead_columns(ref.module.weight.data.float(), hessians.pop(ref.name))
-                d = torch.diag(inverse_hessian_factor(H, self.damp, ref.name))
-                lo, hi = W.amin(dim=1).clamp(max=0), W.amax(dim=1).clamp(min=0)
-                energy = torch.einsum("ij,jk,ik->", W, H, W).clamp(min=1e-30)
-                a = (hi - lo).pow(2).sum() / (12 * d.pow(2))
-                out[ref.name] = Sensitivity(W.shape[0], torch.log2(a) - torch.log2(energy * W.shape[0]))
+                with fp32():  # fp32: H's Cholesky factor and the einsum tr(W H W^T)
+                    W, H = without_dead_columns(ref.module.weight.data.float(), hessians.pop(ref.name))
+                    d = torch.diag(inverse_hessian_factor(H, self.damp, ref.name))
+                    lo, hi = W.amin(dim=1).clamp(max=0), W.amax(dim=1).clamp(min=0)
+                    energy = torch.einsum("ij,jk,ik->", W, H, W).clamp(min=1e-30)
+                    a = (hi - lo).pow(2).sum() / (12 * d.pow(2))
+                    out[ref.name] = Sensitivity(W.shape[0], torch.log2(a) - torch.log2(energy * W.shape[0]))
         return out
 
     @torch.no_grad()
@@ -146,6 +148,7 @@ class BAQ(Method):
         packed.info["calib_tokens"] = int(calib.windows.numel())
         return packed
 
+    @fp32  # fp32: Hessian factor and the GPTQ column sweep
     def _quantize_layer(self, weight, H, col_bits, layer):
         W, H = without_dead_columns(weight.to(torch.float32), H)
         wmin = W.amin(dim=1).clamp(max=0).to(torch.float16)

@@ -34,6 +34,7 @@ from bench.errors import check_range
 from bench.methods.gptq import inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.integer import restore_bias, stored_bias
 
@@ -104,6 +105,7 @@ def search_block(w: torch.Tensor, d: torch.Tensor, max_salient: int):
     return cols, best_p
 
 
+@fp32  # fp32: Hessian factor, salient/split searches and the block error feedback (err @ Hinv)
 def billm_quantize(weight: torch.Tensor, H: torch.Tensor, block_size: int, max_salient: int, damp: float,
                    layer: str = "") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     W, H = without_dead_columns(weight.detach().to(torch.float32), H)

@@ -36,6 +36,7 @@ from bench import diffusion
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import clipped_sign
 from bench.quant.integer import restore_bias, stored_bias, weight_matrix
@@ -175,11 +176,12 @@ class BinaryDM(Method):
         feats = self._features(teacher, xs[:512], ts[:512])
         out = []
         for f in feats:
-            v = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-            v = v - v.mean(0)
-            r = max(1, int(round(self.lrm_rank_ratio * v.shape[1])))
-            _, _, vh = torch.linalg.svd(v, full_matrices=False)
-            out.append(vh[:r].T.contiguous())
+            with fp32():  # fp32: the features' PCA (they may be bf16 under autocast)
+                v = f.float().permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+                v = v - v.mean(0)
+                r = max(1, int(round(self.lrm_rank_ratio * v.shape[1])))
+                _, _, vh = torch.linalg.svd(v, full_matrices=False)
+                out.append(vh[:r].T.contiguous())
         return out
 
     @staticmethod
@@ -210,16 +212,19 @@ class BinaryDM(Method):
             with torch.no_grad():
                 ft = self._features(teacher, x, t)
             fs = self._features(student, x, t)
-            loss_out = F.mse_loss(fs[-1], ft[-1])
-            lrm = sum(F.mse_loss(torch.einsum("bchw,cr->bhwr", a, p), torch.einsum("bchw,cr->bhwr", b, p))
-                      for a, b, p in zip(fs[:-1], ft[:-1], projections)) / len(projections)
-            loss = loss_out + self.lrm_weight * lrm
+            with fp32():  # fp32: the loss (the LRM projections are einsums) from fp32 features
+                fs, ft = [f.float() for f in fs], [f.float() for f in ft]
+                loss_out = F.mse_loss(fs[-1], ft[-1])
+                lrm = sum(F.mse_loss(torch.einsum("bchw,cr->bhwr", a, p), torch.einsum("bchw,cr->bhwr", b, p))
+                          for a, b, p in zip(fs[:-1], ft[:-1], projections)) / len(projections)
+                loss = loss_out + self.lrm_weight * lrm
             if not torch.isfinite(loss):
                 raise NumericalFailure(f"binarydm loss became {loss.item()} at step {step}", "lower budget.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            with fp32():  # backward and the update outside autocast
+                loss.backward()
+                opt.step()
+                sched.step()
             losses.append((loss.item(), loss_out.item(), float(lrm.detach())))
         student.eval()
         k = max(1, min(10, len(losses) // 4))

@@ -32,6 +32,7 @@ from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import clipped_sign, signs
 
@@ -49,6 +50,7 @@ class BinaryMoSLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
+    @fp32  # fp32: the experts' initialisation (rank-1 SVD of |W|)
     def from_linear(cls, linear: nn.Linear, n_experts: int) -> BinaryMoSLinear:
         w = linear.weight.data.float()
         m = cls(w.shape[1], w.shape[0], n_experts, linear.bias is not None)
@@ -131,7 +133,7 @@ class BinaryMoS(Method):
 
     def _loss(self, t_out, s_out):
         kd = kd_logits(s_out.logits, t_out.logits)
-        l2l = sum(F.mse_loss(s, t) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
+        l2l = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
         return kd + self.l2l_scale * l2l, {"kd": float(kd.detach())}
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
 from bench.quant.integer import expand_groups, restore_bias, stored_bias
 
@@ -44,6 +45,7 @@ def _nearest(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(mids, x.contiguous(), right=False)
 
 
+@fp32  # fp32: the per-group datatype search and its squared errors
 def quantize_bitmod(w: torch.Tensor, bits: int, group_size: int, layer: str = ""
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 (out, in), fp16 scales (out, groups), selectors uint8 (out, groups), dequantized fp32)."""

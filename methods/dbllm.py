@@ -36,6 +36,7 @@ from bench.distill import distill, frozen_student
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
 from bench.quant.integer import expand_groups, fp16_ste, n_groups, restore_bias, stored_bias
 
@@ -57,6 +58,7 @@ def grouped(x: torch.Tensor, g: int) -> torch.Tensor:
     return F.pad(x, (0, pad)).reshape(out, -1, g)
 
 
+@fp32  # fp32: the initial step search and its squared errors
 def init_step(w: torch.Tensor, g: int) -> torch.Tensor:
     """Per (row, group) s minimising || w - FDB(w; 2s, -s) ||^2 over INIT_GRID * max |w|."""
     x = grouped(w, g)  # (out, ng, g)

@@ -56,6 +56,7 @@ def fake_quant_static(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, b
                       grad_scale: float = 1.0) -> torch.Tensor:
     """LSQ+ fake quantization with a learned step and zero point (straight-through rounding)."""
     qn, qp = act_levels(bits, signed)
+    x = x.float()  # fp32: a linear's input may be bf16 under autocast (callers cast back or feed a linear)
     s = fp16_ste(_grad_scale(step, grad_scale).clamp(min=1e-8))
     z = round_ste(_grad_scale(zero, grad_scale))
     return (round_ste(torch.clamp(x / s + z, qn, qp)) - z) * s
@@ -75,6 +76,7 @@ class EdgeQATLinear(nn.Module):
 
     @torch.no_grad()
     def init_activation(self, x: torch.Tensor) -> None:
+        x = x.float()  # fp32: activation statistics (the input may be bf16 under autocast)
         self.a_signed = bool(x.min() < -1e-5)
         qn, qp = act_levels(self.a_bits, self.a_signed)
         self.a_step.fill_(float(2 * x.abs().mean() / qp**0.5))
@@ -153,8 +155,8 @@ class EdgeQAT(Method):
 
         def loss_fn(t_out, s_out):
             kd = kd_logits(s_out.logits, t_out.logits, self.temperature)
-            cos = sum(F.cosine_similarity(a.flatten(2), b.flatten(2), dim=-1, eps=1e-6).sum()
-                      for a, b in zip(s_out.attentions, t_out.attentions))
+            cos = sum(F.cosine_similarity(a.float().flatten(2), b.float().flatten(2), dim=-1, eps=1e-6).sum()
+                      for a, b in zip(s_out.attentions, t_out.attentions))  # fp32: maps may be bf16 under autocast
             distribution = -torch.log(cos)
             entropy = -0.5 * torch.log(sum(spreads))
             spreads.clear()

@@ -32,6 +32,7 @@ from bench import diffusion
 from bench.errors import ConfigError, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FloatFormat, decode_float, encode_float, round_to_format
 from bench.quant.integer import restore_bias, stored_bias, weight_matrix
@@ -53,6 +54,7 @@ def grid_neighbours(u: torch.Tensor, fmt: FloatFormat) -> tuple[torch.Tensor, to
     return mags[lo_i] * sign, mags[hi_i] * sign
 
 
+@fp32  # fp32: the layer-output error tr(D H D^T) of the searches
 def output_error(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per output channel: d_r H d_r^T (the squared layer-output error on the calibration inputs)."""
     return ((d @ h) * d).sum(dim=1)
@@ -109,6 +111,7 @@ class FPLowBit(Method):
 
     # --- step 2: gradient-free rounding ------------------------------------------------------------------
     @torch.no_grad()
+    @fp32  # fp32: the greedy rounding's error terms (D H)
     def learn_rounding(self, w: torch.Tensor, s: torch.Tensor, fmt: FloatFormat, h: torch.Tensor) -> torch.Tensor:
         """Grid values (in units of s) of each weight after greedy flips between its two neighbours."""
         u = w / s
@@ -145,10 +148,10 @@ class FPLowBit(Method):
         xs, ts = diffusion.calibration_inputs(model, calib, self.calib_steps)
         inputs = diffusion.layer_inputs(model.module, refs, xs, ts, self.calib_rows, calib.spec.seed)
         chosen: dict[str, str] = {}
-        with torch.no_grad():
+        with torch.no_grad(), fp32():  # fp32: H = X^T X, the format search and the rounding
             for ref in refs:
                 w = weight_matrix(ref.module)
-                x = inputs[ref.name]
+                x = inputs[ref.name].float()
                 h = (x.T @ x) / x.shape[0]
                 w32 = w.float()
                 fmt, s, _ = self.search_format(w32, h)

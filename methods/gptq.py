@@ -25,6 +25,7 @@ import torch
 from bench.errors import NumericalFailure, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant.activation import ActivationQuantized
 from bench.quant import n_groups, resolve_group_size
@@ -39,6 +40,7 @@ class HessianAccumulator:
         self.H = torch.zeros(columns, columns, dtype=torch.float32)
         self.n = 0
 
+    @fp32  # fp32: Hessian accumulation (the hooked input may be bf16 under autocast, e.g. o_proj's, down_proj's)
     def add(self, inp: torch.Tensor) -> None:
         x = inp.reshape(-1, inp.shape[-1]).to(torch.float32)
         batch = inp.shape[0] if inp.dim() == 3 else 1
@@ -74,7 +76,8 @@ def quantize_blockwise(adapter, windows: torch.Tensor, quantize_layer: Callable[
     for b in each_block(label, len(adapter.blocks())):
         _, hessians = block_hessians(adapter, inputs, b)
         for r in (r for r in refs if r.block == b):
-            quantize_layer(r, hessians.pop(r.name))
+            with fp32():  # fp32: the layer's dampening, Cholesky factors and column sweep
+                quantize_layer(r, hessians.pop(r.name))
         inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
 
 
@@ -88,6 +91,7 @@ class GPTQResult:
     loss: float  # GPTQ's proxy loss sum (w - q)^2 / d^2 / 2
 
 
+@fp32  # fp32: dampening, Cholesky and cholesky_inverse
 def inverse_hessian_factor(H: torch.Tensor, damp: float, layer: str = "") -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the reference's `Hinv`; its diagonal d_j
     weighs column j's rounding error in GPTQ's loss (w - q)^2 / d_j^2."""
@@ -110,6 +114,7 @@ def without_dead_columns(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor
     return W, H
 
 
+@fp32  # fp32: the column sweep's error feedback (W[:, i:] -= err @ Hinv[i, i:])
 def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
                quantize_column: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
     """GPTQ's column loop with lazy batch updates, in place on W. `quantize_column(c, w, W, W1)` returns the
@@ -135,6 +140,7 @@ def gptq_sweep(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
     return float(losses.sum())
 
 
+@fp32  # fp32: the whole layer quantization (Hessian, its factor, the sweep)
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128, layer: str = "") -> GPTQResult:
     W, H = without_dead_columns(weight.detach().to(torch.float32), H)

@@ -27,11 +27,13 @@ import torch
 
 from bench.errors import ConfigError, check_range
 from bench.methods.static_ptq import CALIB_BATCH, StaticPTQ, quantize_weight
+from bench.precision import fp32
 from bench.quant.integer import weight_matrix
 
 BIT_CHOICES = (4, 8)
 
 
+@fp32  # fp32: the Hessian-trace estimate, its forwards and double backward included (a second-order measurement)
 def hutchinson_traces(model, refs, images: torch.Tensor, iters: int, seed: int) -> dict[str, float]:
     """Per-layer mean Hessian diagonal (trace / #weights) of ||f(x) - f_fp(x)||^2 / N at the current weights."""
     weights = [r.module.weight for r in refs]

@@ -25,6 +25,7 @@ from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
 from bench.quant.integer import (expand_groups, fp16_ste, int_format, load_int_layer, restore_bias, round_ste,
                                  stored_int_layer)
@@ -46,6 +47,7 @@ class L4QLinear(nn.Module):
         self.step = nn.Parameter(q.scale.float())
         self.offset = nn.Parameter(q.zero.float())
 
+    @fp32  # fp32: the quantizer's input W0 + (alpha / r) B A (a matmul autocast would run in bf16)
     def merged(self) -> torch.Tensor:
         return self.w0 + self.scaling * self.lora_b @ self.lora_a
 

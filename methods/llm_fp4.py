@@ -36,6 +36,7 @@ import torch
 from bench.errors import ConfigError, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FloatFormat, decode_float, encode_float, fake_quant_float_bias
@@ -130,6 +131,7 @@ class LLMFP4(Method):
         return best
 
     @torch.no_grad()
+    @fp32  # fp32: the format/bias searches and their output errors (x @ w^T)
     def search_layer(self, w: torch.Tensor, x: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor, ActParams | None]:
         """w (out, in), x (tokens, in) -> (weight format, per-row bias, activation parameters)."""
         y_ref = x @ w.T

@@ -21,6 +21,7 @@ import torch
 
 from bench.errors import ConfigError
 from bench.methods.static_ptq import CLIP_GRID, StaticPTQ
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FORMATS, FloatFormat, decode_float, encode_float, round_to_format
 
@@ -37,6 +38,7 @@ def minifloat(name: str) -> FloatFormat:
                       f"use eXmY with 1 + X + Y in 3..8 (e.g. e4m3, e2m1) or one of {', '.join(FORMATS)}")
 
 
+@fp32  # fp32: the clip search and its squared rounding errors
 def _scaled_search(x: torch.Tensor, amax: torch.Tensor, fmt: FloatFormat, dim: int | None):
     """The fp16 scale (clip x amax / max value) with the smallest squared rounding error of x, per row
     (dim=1) or for the whole tensor (dim=None)."""
@@ -95,4 +97,5 @@ class Minifloat(StaticPTQ):
 
     def activation_quantizer(self, stored):
         fmt, s = minifloat(self.a_format), stored["act_scale"][0].float()
-        return lambda x: round_to_format(x / s, fmt)[0] * s
+        # fp32: the input may be bf16 under autocast; the result is returned in its dtype
+        return lambda x: (round_to_format(x.float() / s, fmt)[0] * s).to(x.dtype)

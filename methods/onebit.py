@@ -32,6 +32,7 @@ from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.integer import restore_bias
 
@@ -62,6 +63,7 @@ class OneBitLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
+    @fp32  # fp32: the SVID initialisation (rank-1 SVD of |W|)
     def from_linear(cls, linear: nn.Linear) -> OneBitLinear:
         w = linear.weight.data.float()
         m = cls(w.shape[1], w.shape[0], linear.bias is not None)
@@ -104,7 +106,7 @@ class OneBit(Method):
 
     def _loss(self, t_out, s_out):
         kd = kd_logits(s_out.logits, t_out.logits)
-        hidden = sum((F.normalize(t, dim=-1) - F.normalize(s, dim=-1)).pow(2).sum(-1).mean()
+        hidden = sum((F.normalize(t.float(), dim=-1) - F.normalize(s.float(), dim=-1)).pow(2).sum(-1).mean()
                      for s, t in zip(s_out.hidden_states[:-1], t_out.hidden_states[:-1]))
         return kd + self.hidden_scale * hidden, {"kd": float(kd.detach())}
 

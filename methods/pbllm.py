@@ -29,10 +29,12 @@ from bench.methods.billm import binarize_rows
 from bench.methods.gptq import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import n_groups, pack_bits, resolve_group_size, unpack_bits
 from bench.quant.integer import expand_groups, from_codes, grid_params, restore_bias, stored_bias, to_codes
 
 
+@fp32  # fp32: Hessian factor, saliency and the GPTQ column sweep
 def pbllm_quantize(weight: torch.Tensor, H: torch.Tensor, salient_fraction: float, salient_bits: int,
                    group_size: int, damp: float, block_size: int = 128, layer: str = ""):
     W, H = without_dead_columns(weight.detach().to(torch.float32), H)

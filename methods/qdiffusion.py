@@ -74,7 +74,7 @@ class QDiffusion(StaticPTQ):
             split = self._splits.get(name)
 
             def hook(_m, args):
-                x = args[0].detach()
+                x = args[0].detach().float()  # fp32: activation statistics
                 parts = [x] if split is None else [x[:, :split], x[:, split:]]
                 for i, p in enumerate(parts):
                     p = p.flatten()

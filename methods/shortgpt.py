@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.depth import DepthPruning, block_inputs_all
+from bench.precision import fp32
 
 
 @dataclass
@@ -24,9 +25,11 @@ class ShortGPT(DepthPruning):
         adapter = model.adapter
         states = block_inputs_all(adapter, adapter.capture_block_inputs(list(calib.windows)))
         bi = []
-        for b in range(len(adapter.blocks())):
-            cos = torch.cat([F.cosine_similarity(x, y, dim=-1).reshape(-1) for x, y in zip(states[b], states[b + 1])])
-            bi.append(float(1 - cos.mean()))
+        with fp32():  # fp32: the block influence's cosines
+            for b in range(len(adapter.blocks())):
+                cos = torch.cat([F.cosine_similarity(x.float(), y.float(), dim=-1).reshape(-1)
+                                 for x, y in zip(states[b], states[b + 1])])
+                bi.append(float(1 - cos.mean()))
         drop = sorted(range(len(bi)), key=lambda b: bi[b])[:self.n_remove(len(bi))]
         adapter.remove_blocks(drop)
         return self.record(model, drop, {"block_influence": bi})

@@ -31,7 +31,7 @@ def activation_channel_max(adapter, windows: torch.Tensor) -> dict[tuple[int, in
         hooks = []
         for gi, (_norm, refs) in enumerate(adapter.norm_linear_groups(b)):
             def record(_m, args, key=(b, gi)):
-                m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+                m = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)  # fp32: activation max
                 out[key] = m if key not in out else torch.maximum(out[key], m)
             hooks.append(refs[0].module.register_forward_pre_hook(record))
         try:

@@ -18,9 +18,11 @@ import torch
 
 from bench.errors import ConfigError, check_range
 from bench.methods.gptq import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
+from bench.precision import fp32
 from bench.sparsity import Pattern, Pruning, keep_top
 
 
+@fp32  # fp32: Hessian factor, mask scores and the column sweep's error feedback
 def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: Pattern, damp: float = 0.01,
                     block_size: int = 128, layer: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     W, H = without_dead_columns(weight.detach().to(torch.float32), H)

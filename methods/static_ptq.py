@@ -26,6 +26,7 @@ import torch
 from bench.errors import check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
+from bench.precision import fp32
 from bench.quant import IntQuantized
 from bench.quant.integer import load_int_layer, restore_bias, stored_int_layer, weight_matrix
 
@@ -35,6 +36,7 @@ SAMPLES_PER_BATCH = 8192  # activation values kept per layer per calibration bat
 DIFFUSION_CALIB_STEPS = 20  # DDIM steps of a diffusion model's calibration trajectories
 
 
+@fp32  # fp32: the per-channel clip search and its squared errors
 def quantize_weight(w: torch.Tensor, bits: int) -> IntQuantized:
     """Per-output-channel symmetric codes with the clip ratio minimising each row's squared error."""
     qmax = 2 ** (bits - 1) - 1
@@ -53,6 +55,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> IntQuantized:
     return IntQuantized(codes.to(torch.uint8), best_scale.to(torch.float16), None, bits, w.shape[1], True)
 
 
+@fp32  # fp32: the activation range search on fp32 samples
 def act_range(samples: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 scale and uint8 zero point of the static asymmetric range minimising the samples' squared error."""
     maxq = 2**bits - 1
@@ -69,7 +72,8 @@ def act_range(samples: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     s, z = scale.float(), zero.float()
-    return (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s
+    xf = x.float()  # fp32: under autocast a layer's input may be bf16; the result is returned in its dtype
+    return ((torch.clamp(torch.round(xf / s) + z, 0, 2**bits - 1) - z) * s).to(x.dtype)
 
 
 @dataclass
@@ -157,7 +161,7 @@ class StaticPTQ(Method):
 
         def keep(name):
             def hook(_m, args):
-                x = args[0].detach().flatten()
+                x = args[0].detach().float().flatten()  # fp32: activation statistics
                 idx = torch.randint(0, x.numel(), (min(SAMPLES_PER_BATCH, x.numel()),), generator=g)
                 samples[name].append(x[idx].float())
                 samples[name].append(torch.stack([x.min(), x.max()]).float())  # the range's true ends

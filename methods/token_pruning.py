@@ -82,8 +82,8 @@ class SPViTSelector(nn.Module):
         self.inp, self.out = _classifier(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, M, C) candidates -> (B, M) keep probabilities."""
-        return self.out(_local_global(self.inp(x))).softmax(-1)[..., 0]
+        """(B, M, C) candidates -> (B, M) keep probabilities (fp32: they rank the tokens, bf16 would tie them)."""
+        return self.out(_local_global(self.inp(x))).float().softmax(-1)[..., 0]
 
 
 class HeatViTSelector(nn.Module):
@@ -99,9 +99,9 @@ class HeatViTSelector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, m, _ = x.shape
         xh = x.reshape(b, m, self.heads, self.head_dim)
-        weights = self.head_weight(xh.mean(dim=-1))  # (B, M, heads): how much each head's verdict counts per token
-        probs = torch.stack([self.out[h](_local_global(self.inp[h](xh[:, :, h]))).softmax(-1)[..., 0]
-                             for h in range(self.heads)], dim=-1)
+        weights = self.head_weight(xh.mean(dim=-1)).float()  # (B, M, heads): how much each head's verdict counts
+        probs = torch.stack([self.out[h](_local_global(self.inp[h](xh[:, :, h]))).float().softmax(-1)[..., 0]
+                             for h in range(self.heads)], dim=-1)  # fp32 scores, as SPViTSelector's
         return (probs * weights).sum(-1) / weights.sum(-1).clamp(min=1e-6)
 
 

@@ -18,8 +18,9 @@ from bench.methods.sign import SignBinarization
 
 def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
     token_dim = 1 if x.dim() == 4 else -1  # a conv input (N, C, H, W): each pixel's channel vector
-    beta = x.abs().mean(dim=token_dim, keepdim=True)
-    return torch.where(x >= 0, beta, -beta)
+    xf = x.float()  # fp32: beta from an input that may be bf16 under autocast; returned in x's dtype
+    beta = xf.abs().mean(dim=token_dim, keepdim=True)
+    return torch.where(xf >= 0, beta, -beta).to(x.dtype)
 
 
 @dataclass

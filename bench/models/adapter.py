@@ -93,6 +93,13 @@ class DecoderAdapter:
         return self.model.lm_head
 
     # --- generic logic -------------------------------------------------------------------------------
+    def cached(self, t: torch.Tensor) -> torch.Tensor:
+        """A hidden state or linear input as the block caches hold it: in the model's dtype (fp32), since under
+        bf16 autocast a linear's input may arrive in bf16 (o_proj's, down_proj's) and the methods' statistics,
+        Hessians and targets computed from the caches are fp32. A no-op outside autocast."""
+        dtype = getattr(self.model, "dtype", torch.float32)
+        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
     def linears(self) -> Iterator[LinearRef]:
         names = {id(m): n for n, m in self.model.named_modules()}
         for i, block in enumerate(self.blocks()):
@@ -112,7 +119,7 @@ class DecoderAdapter:
         captured = BlockInputs(hidden=[], kwargs=[])
 
         def grab(_module, args, kwargs):
-            captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            captured.hidden.append(self.cached(args[0] if args else kwargs.pop("hidden_states")))
             captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
             raise _StopForward
 
@@ -130,7 +137,7 @@ class DecoderAdapter:
     @torch.no_grad()
     def run_block(self, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         out = self.blocks()[index](hidden, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return self.cached(out[0] if isinstance(out, tuple) else out)
 
     @torch.no_grad()
     def run_block_capturing(self, index: int, inputs: BlockInputs) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -138,8 +145,8 @@ class DecoderAdapter:
         that linear saw, concatenated over the batches ((batches, seqlen, in_features))."""
         refs = {r.role: r for r in self.linears() if r.block == index}
         feats: dict[str, list[torch.Tensor]] = {role: [] for role in refs}
-        hooks = [r.module.register_forward_pre_hook(lambda _m, a, role=role: feats[role].append(a[0].detach()))
-                 for role, r in refs.items()]
+        hooks = [r.module.register_forward_pre_hook(
+            lambda _m, a, role=role: feats[role].append(self.cached(a[0].detach()))) for role, r in refs.items()]
         try:
             outs = [self.run_block(index, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         finally:

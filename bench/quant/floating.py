@@ -148,8 +148,9 @@ def fake_quant_float_bias(x: torch.Tensor, exp_bits: int, man_bits: int, bias: t
     ties to even. A non-integer bias is a power-of-two rescaling of the integer-bias format: for integer b0,
     the result equals s * round_to_format(x / s) with s = 2^(b0 - bias). Elementwise and fast (for searches)."""
     bias = torch.as_tensor(bias, dtype=torch.float32)
+    dtype, x = x.dtype, x.float()  # fp32: an activation may arrive in bf16 under autocast; returned in its dtype
     maxval = (2 - 2.0 ** -man_bits) * torch.pow(2.0, 2**exp_bits - 1 - bias)
     x = torch.maximum(torch.minimum(x, maxval), -maxval)
     exponent = torch.clamp(torch.floor(torch.log2(x.abs()) + bias), min=1.0)
     step = torch.pow(2.0, exponent - man_bits - bias)
-    return torch.round(x / step) * step
+    return (torch.round(x / step) * step).to(dtype)
