@@ -28,7 +28,9 @@ ending at each point. Stages of fewer than 20 steps are never called converged.
 - Why the slice 0.5-0.8: under cosine it is ~25%-48% of the steps, where the lr is still 85%-53% of its peak
   (constant lr: steps 50%-80%). The lr is at least half its peak throughout, so a flat loss there is no artefact of
   a vanishing step; and the slice ends before the annealing tail, where lowering the lr lowers the loss by cutting
-  gradient noise rather than by progress, a drop that would make converged runs look unconverged in lr-time.
+  gradient noise rather than by progress, a drop that would make converged runs look unconverged in lr-time (a
+  noise floor proportional to the lr still shows in the slice, as ~1/3 of its size at the peak lr: up to ~6% of
+  the loss passes).
 - Why 2%: were the loss to keep falling at the slice's rate (loss curves flatten, so this bounds it from above),
   twice the budget (twice the lr-time) would lower it by at most ~2%/0.3 = 7%; in practice much less.
 - Why the held-out loss: it is measured on the same windows every time, so it lacks the window-to-window noise of
@@ -228,8 +230,9 @@ class StageRecord:
                 "seconds": self.seconds, "validation_seconds": self.validation_seconds,
                 "loss_first": self.loss_first, "loss_last": self.loss_last, "converged": v.converged,
                 "verdict": v.reason, "judged": asdict(v),
-                "loss": [_short(x) for x in self.losses], "loss_smoothed": [_short(x) for x in smoothed(self.losses)],
-                "lr": [_short(x) for x in self.lrs], "lr_time": [_short(x) for x in lr_times(self.lrs)[1:]],
+                # loss and lr at full precision: a cached artifact's record gives the same metrics and verdict
+                "loss": self.losses, "loss_smoothed": [_short(x) for x in smoothed(self.losses)],
+                "lr": self.lrs, "lr_time": [_short(x) for x in lr_times(self.lrs)[1:]],
                 "terms": {k: [_short(x) for x in vs] for k, vs in self.terms.items()},
                 "validation": self.validation}
 
@@ -305,10 +308,11 @@ class TrainingRecord:
         return [(s.name, v.reason) for s, v in zip(self.stages, self.verdicts) if not v.converged]
 
     def tags(self) -> dict[str, str]:
-        failed = self.failed_stages()
-        verdict = (f"{len(self.stages) - len(failed)}/{len(self.stages)} stages converged; first not: "
-                   f"{failed[0][0]}: {failed[0][1]}" if failed else
-                   f"{len(self.stages)} stage(s) converged; " + self.verdicts[-1].reason)
+        failed, n = self.failed_stages(), len(self.stages)
+        if not failed:
+            verdict = f"{n} of {n} stage(s) converged; last: {self.stages[-1].name}: {self.verdicts[-1].reason}"
+        else:
+            verdict = f"{len(failed)} of {n} stage(s) not converged; first: {failed[0][0]}: {failed[0][1]}"
         return {"train.converged": "true" if self.converged else "false", "train.criterion": CRITERION,
                 "train.verdict": verdict[:4000]}
 
@@ -340,7 +344,7 @@ class TrainingRecord:
         offset, colors = 0, {}
         positive = all(v > 0 for s in self.stages for v in s.losses + [c["loss"] for c in s.validation])
         for i, s in enumerate(self.stages):
-            x = list(range(offset + 1, offset + s.steps + 1))
+            x = list(range(offset, offset + s.steps))  # step s's loss is measured on the model after s updates
             raw_label = "training loss (raw)" if i == 0 else None
             ax_loss.plot(x, s.losses, color="0.75", lw=0.6, label=raw_label)
             ax_loss.plot(x, smoothed(s.losses), color="C0", lw=1.4, label="smoothed" if i == 0 else None)
@@ -354,7 +358,7 @@ class TrainingRecord:
             ax_lr.plot(x, s.lrs, color="C2", lw=1.0)
             if i:
                 for ax in axes:
-                    ax.axvline(offset + 0.5, color="0.85", lw=0.5)
+                    ax.axvline(offset, color="0.85", lw=0.5)
             offset += s.steps
         if positive:
             ax_loss.set_yscale("log")
@@ -369,7 +373,7 @@ class TrainingRecord:
                 ax_terms.set_yscale("log")
             ax_terms.legend(fontsize=7, loc="upper right")
         ax_lr.set_ylabel("lr")
-        ax_lr.set_xlabel("step (stages in order)")
+        ax_lr.set_xlabel("updates done (stages in order)")
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=110)
