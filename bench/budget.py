@@ -2,7 +2,8 @@
 
 The same budget is applied to every method of a comparison. `val_samples` held-out calibration samples (drawn after
 the training ones, disjoint from them: bench.calib) give every training loop its validation loss; they do not
-change what is trained on, so they are not part of the artifact key. `budget=default` finishes on a 2-core CPU;
+change what is trained on, so they are not part of the artifact key (the shipped YAMLs other than `cpu` leave it
+at its default, 8: `+budget.val_samples=N` sets it). `budget=default` finishes on a 2-core CPU;
 `budget=paper` is the papers' recipe for a GPU: BinaryMoS's reference recipe, replaced field by field by
 a method's own where `configs/budget_recipe/paper_<method>.yaml` records it.
 """

@@ -71,15 +71,15 @@ class CalibSet:
 
     @property
     def describe(self) -> str:
-        held = f" +{self.heldout.shape[0]} held-out" if self.heldout is not None and len(self.heldout) else ""
+        """The training samples (a training record states how many held-out samples its validation used)."""
         if self.spec.source == "gaussian_noise":
             n, c, h, w = self.windows.shape
-            return f"{self.spec.name} {n}x{c}x{h}x{w} N(0,1) seed={self.spec.seed}{held}"
+            return f"{self.spec.name} {n}x{c}x{h}x{w} N(0,1) seed={self.spec.seed}"
         if self.spec.source == "image_patches":
             n, _, h, w = self.windows.shape
-            return f"{self.spec.name}[{self.spec.images}] {n}x{h}x{w} x1/{self.spec.scale} seed={self.spec.seed}{held}"
+            return f"{self.spec.name}[{self.spec.images}] {n}x{h}x{w} x1/{self.spec.scale} seed={self.spec.seed}"
         n, s = self.windows.shape
-        return f"{self.spec.name}[{self.spec.split}] {n}x{s} seed={self.spec.seed}{held}"
+        return f"{self.spec.name}[{self.spec.split}] {n}x{s} seed={self.spec.seed}"
 
 
 def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str | None = None,

@@ -142,7 +142,7 @@ def test_heldout_windows_are_disjoint_and_leave_the_training_draw_unchanged(smal
     plain = calib_mod.load(spec, tok, 6, 64, str(small_wikitext))
     held = calib_mod.load(spec, tok, 6, 64, str(small_wikitext), heldout=8)
     assert torch.equal(plain.windows, held.windows) and plain.sha256 == held.sha256 and plain.heldout is None
-    assert held.heldout.shape == (8, 64) and "+8 held-out" in held.describe
+    assert held.heldout.shape == (8, 64) and held.describe == plain.describe
     ids = data.token_ids(tok, "\n\n".join(data.wikitext2_rows("validation", str(small_wikitext))))[0]
     spans = ids.unfold(0, 64, 1)
 
@@ -225,7 +225,7 @@ def test_the_runner_records_training_and_a_cache_hit_keeps_it(store_results_dir,
     assert tags["train.converged"] == "false" and tags["train.criterion"] == CRITERION  # 6 steps: too few
     client = MlflowClient()
     stored = client.get_run(first.run_id).data
-    assert "too few to judge" in stored.tags["train.verdict"] and "+8 held-out" in stored.tags["bench.calib_set"]
+    assert "too few to judge" in stored.tags["train.verdict"] and stored.tags["bench.calib_set"].endswith("4x64 seed=0")
     assert stored.metrics["train.tokens_seen"] == 384 and stored.tags["train.converged"] == "false"
     names = {a.path for a in client.list_artifacts(first.run_id)}
     assert {"train_curve.json", "train_curve.png"} <= names and "train_losses.json" not in names
