@@ -3,7 +3,8 @@ convergence search of issue 29 plans its budgets with.
 
 Usage: .venv/bin/python benchmarks/train_probe.py [--methods binarymos,onebit,...] [--steps 8] [--budget default]
            [--precision bf16] [--threads 1] [--val 0] [--set method.x=y ...] [--out probe.json]
-Each method compresses a fresh copy of the default model with `--budget` (its `budget_recipe` applied, as the CLI
+Run one method per process where memory is short (edgeqat trains every weight). Each method compresses a fresh
+copy of the default model with `--budget` (its `budget_recipe` applied, as the CLI
 would) and `budget.train_steps=--steps` under `--precision`; `recover=rora` runs after `method=sign`. Printed per
 trained stage: steps, wall and process-CPU seconds per step (median over the steps after the first; CPU time is
 what the process itself spent, so a machine shared with other jobs inflates wall time, not CPU time), the loss of
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -105,14 +107,18 @@ def main() -> None:
                    "seqlen": budget.calib_seqlen, "precision": args.precision, "threads": args.threads,
                    "cpu_s_per_step": statistics.median(st["cpu"][later]),
                    "wall_s_per_step": statistics.median(st["wall"][later]), "losses": rec.losses,
-                   "validation": rec.validation, "verdict": rec.verdict.reason, "compress_wall_s": total}
+                   "validation": rec.validation, "verdict": rec.verdict.reason, "compress_wall_s": total,
+                   "validation_wall_s_per_checkpoint": rec.validation_seconds / max(1, len(rec.validation)),
+                   "peak_rss_gb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
             out.append(row)
             head = ", ".join(f"{v:.4g}" for v in rec.losses[:3])
             tail = ", ".join(f"{v:.4g}" for v in rec.losses[-3:])
             print(f"{name:10s} {rec.name[:34]:34s} {rec.steps:5d} steps  cpu {row['cpu_s_per_step']:7.3f} s/step  "
-                  f"wall {row['wall_s_per_step']:7.3f} s/step  loss [{head}] .. [{tail}]", flush=True)
+                  f"wall {row['wall_s_per_step']:7.3f} s/step  loss [{head}] .. [{tail}]  "
+                  f"peak RSS {row['peak_rss_gb_so_far']:.1f} GB", flush=True)
             if rec.validation:
-                print("           held-out: " + "  ".join(f"{c['step']}:{c['loss']:.4g}" for c in rec.validation))
+                print("           held-out: " + "  ".join(f"{c['step']}:{c['loss']:.4g}" for c in rec.validation)
+                      + f"  ({row['validation_wall_s_per_checkpoint']:.1f} s wall per checkpoint)")
             print(f"           {rec.verdict.reason}", flush=True)
         del work, packed
     if args.out:
