@@ -61,7 +61,7 @@ FALLBACK_WINDOW = 0.1  # lr-time averaged over when the training loss stands in 
 CRITERION = ("converged = the held-out loss (else the mean training loss) fell by < 2% of its value between 50% and "
              "80% of the stage's summed learning rate (lr-time), every stage; < 20 steps is never converged")
 SMOOTH_SPAN = 0.05  # EMA span of the smoothed curve, as a fraction of the steps
-VAL_SHARE = 0.2  # held-out samples may add up to this share of the trained samples before checkpoints thin out
+VAL_SHARE = 0.2  # checkpoints every 0.1 of lr-time while their held-out samples stay within this share of the trained
 
 
 # --- schedules and optimizer ---------------------------------------------------------------------------------

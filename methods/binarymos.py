@@ -133,13 +133,15 @@ class BinaryMoS(Method):
         return packed
 
     def objective(self) -> str:
-        return (f"kd = KL(teacher || student) on logits (batchmean) + hidden_mse = {self.l2l_scale:g} x sum over blocks "
-                "of MSE(student, teacher hidden states) (the reference kd_utils.py); terms as weighted in the loss")
+        return (f"kd = KL(teacher || student) on logits (batchmean) + hidden_mse = {self.l2l_scale:g} x sum over "
+                "blocks of MSE(student, teacher hidden states) (the reference kd_utils.py); terms as weighted in "
+                "the loss")
 
     def _loss(self, t_out, s_out):
         kd = kd_logits(s_out.logits, t_out.logits)
         l2l = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
-        return kd + self.l2l_scale * l2l, {"kd": float(kd.detach()), "hidden_mse": float(self.l2l_scale * l2l.detach())}
+        return kd + self.l2l_scale * l2l, {"kd": float(kd.detach()),
+                                           "hidden_mse": float(self.l2l_scale * l2l.detach())}
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -145,9 +145,9 @@ class DBLLM(Method):
         trainable = [p for m in final.values() for p in (m.weight, m.alpha1, m.alpha2)]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
                           "dbllm dual-binarization distillation", heldout=calib.heldout,
-                          objective=f"kd_dad = per-token KL(teacher || student) weighted by teacher entropy^{self.dad_gamma:g} "
-                                    "(weights mean 1 per batch), summed / batch: the loss; kd = the same KL unweighted "
-                                    "(plain KD, shown beside it, not added)")
+                          objective=f"kd_dad = per-token KL(teacher || student) weighted by teacher entropy^"
+                                    f"{self.dad_gamma:g} (weights mean 1 per batch), summed / batch: the loss; kd = "
+                                    "the same KL unweighted (plain KD, shown beside it, not added)")
         packed = Packed(model.module, self.name, self.execution)
         zeros = 0.0
         with torch.no_grad():

@@ -119,9 +119,10 @@ class OneBit(Method):
         trainable = [p for m in mods for p in m.parameters()]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
                           "onebit distillation", heldout=calib.heldout,
-                          objective=f"kd = KL(teacher || student) on logits (batchmean) + hidden = {self.hidden_scale:g} x "
-                                    "sum over block inputs of the squared distance of L2-normalised hidden states "
-                                    "(the reference's kd_alpha=1, kd_beta); terms as weighted in the loss")
+                          objective="kd = KL(teacher || student) on logits (batchmean) + hidden = "
+                                    f"{self.hidden_scale:g} x sum over block inputs of the squared distance of "
+                                    "L2-normalised hidden states (the reference's kd_alpha=1, kd_beta); terms as "
+                                    "weighted in the loss")
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
             for ref, m in zip(adapter.linears(), mods):
