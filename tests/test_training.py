@@ -158,6 +158,27 @@ def test_heldout_windows_are_disjoint_and_leave_the_training_draw_unchanged(smal
                                                            for w in noise.windows)
 
 
+def test_heldout_image_crops_share_no_pixel_with_training_crops(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    for i in range(2):  # each pixel holds its image and coordinates; scale 1 keeps the crops exact
+        rgb = torch.stack([yy * 5, xx * 5, torch.full_like(xx, 100 * i)], -1).to(torch.uint8)
+        Image.fromarray(rgb.numpy()).save(tmp_path / "imgs" / f"{i}.png")
+    spec = CalibSpec(name="p", source="image_patches", images="imgs", patch=16, scale=1)
+    plain = calib_mod.load(spec, None, 6, 1, str(tmp_path))
+    held = calib_mod.load(spec, None, 6, 1, str(tmp_path), heldout=3)
+    assert torch.equal(plain.windows, held.windows) and held.heldout.shape == (3, 3, 16, 16)
+
+    def box(crop):  # (image, top, left) of a crop from its corner pixel
+        return int(crop[2, 0, 0]) // 100, int(crop[0, 0, 0]) // 5, int(crop[1, 0, 0]) // 5
+    train = [box(w) for w in held.windows]
+    for h in held.heldout:
+        hi, hy, hx = box(h)
+        assert all(not (ti == hi and abs(ty - hy) < 16 and abs(tx - hx) < 16) for ti, ty, tx in train)
+
+
 def test_a_tiny_binarymos_run_records_curve_terms_validation_flag_tokens_and_epochs(small_wikitext, tmp_path):
     from bench.methods.binarymos import BinaryMoS
 
