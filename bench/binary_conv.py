@@ -20,7 +20,8 @@ becomes B and what gradient flows back); the rest is the same for every method a
   there is no shortcut, K = W, and the record names those layers.
 - Training: the student (copy of the model, every other parameter frozen) is distilled from the uncompressed
   model on the calibration images (MSE of the outputs in [0, 1] units), AdamW with warm-up and cosine decay,
-  steps / batch / lr from `budget=` (bench.distill.adamw_cosine): the same budget for every method.
+  steps / batch / lr from `budget=`, each batch drawn with replacement (seeded), on bench.training's `Trainer`:
+  the same budget for every method; the held-out calibration images give the validation loss.
 - Storage: packed sign bits (1 bit per weight) + one fp16 scale per output channel (+ fp16 bias); the model that
   is evaluated runs exactly those values, and a restore rebuilds the same BinaryConvs from them.
 """
@@ -28,23 +29,20 @@ becomes B and what gradient flows back); the rest is the same for every method a
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from bench.distill import adamw_cosine, train_record
-from bench.errors import NotApplicable, NumericalFailure
+from bench.errors import NotApplicable
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
-from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import signs
 from bench.quant.integer import restore_bias, stored_bias
+from bench.training import Trainer, TrainingRecord, budget_adamw, budget_schedule
 
 ACT_MAG_IMAGES = 16  # calibration images the activation magnitudes are measured on
 
@@ -163,6 +161,11 @@ class BinaryConvMethod(Method):
     def on_step(self, step: int, steps: int, layers: list[BinaryConv]) -> None:
         """Called before each training step (a method with training stages switches here)."""
 
+    def stages(self, steps: int) -> list[tuple[str, int]]:
+        """(name, first step) of each training stage the method switches between in `on_step`: each is recorded
+        and judged apart (one optimizer and one lr schedule run through them all)."""
+        return [(f"{self.name} distillation", 0)]
+
     def targets(self, model) -> list:
         refs = [r for r in model.adapter.linears() if isinstance(r.module, nn.Conv2d)]
         return refs[1:-1] if self.keep_first_last else refs
@@ -188,7 +191,8 @@ class BinaryConvMethod(Method):
             s_adapter.replace_linear(ref, layer)
             layers[ref.name] = layer
         params = [p for m in layers.values() for p in m.binarizer.parameters()]
-        record = self._train(teacher, student, params, images, budget, list(layers.values()),
+        heldout = None if calib.heldout is None else calib.heldout * (model.info["input_range"] / 255.0)
+        record = self._train(teacher, student, params, images, heldout, budget, list(layers.values()),
                              model.info["input_range"])
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
@@ -204,7 +208,7 @@ class BinaryConvMethod(Method):
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = self.layer_format_name + ("+shortcut" if layer.shortcut else "")
         student.eval()
-        packed.info.update(record)
+        packed.training = record
         kept = [r.name for r in model.adapter.linears() if r.name not in packed.layers]
         no_shortcut = [n for n, m in layers.items() if not m.shortcut]
         packed.info.update({"layers_kept_full_precision": len(kept), "layers_binarized": len(refs),
@@ -214,30 +218,41 @@ class BinaryConvMethod(Method):
         packed.extra_metadata["kept_full_precision"] = ",".join(kept)
         return packed
 
-    def _train(self, teacher, student, params, images, budget, layers, out_range: float) -> dict:
+    def _train(self, teacher, student, params, images, heldout, budget, layers, out_range: float):
         steps = budget.steps()
         g = torch.Generator().manual_seed(self.seed)
-        opt, sched = adamw_cosine(params, budget, steps)
+        opt = budget_adamw(params, budget)
         student.train()
-        losses, t0 = [], time.perf_counter()
-        bar = tqdm(range(steps), desc=f"{self.name} distillation", unit="step")
-        for step in bar:
-            self.on_step(step, steps, layers)
-            x = images[torch.randint(0, images.shape[0], (budget.batch_size,), generator=g)]
+
+        def loss_of(x):
             with torch.no_grad():
                 target = teacher(x).float() / out_range
-            loss = F.mse_loss(student(x).float() / out_range, target)  # the loss from fp32 outputs
-            if not torch.isfinite(loss):
-                raise NumericalFailure(f"{self.name} loss became {loss.item()} at step {step}", "lower budget.lr")
-            opt.zero_grad(set_to_none=True)
-            with fp32():  # backward and the update outside autocast
-                loss.backward()
-                opt.step()
-                sched.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.2e}")
+            return F.mse_loss(student(x).float() / out_range, target)  # the loss from fp32 outputs
+
+        def step_fn(step):
+            self.on_step(step, steps, layers)
+            return loss_of(images[torch.randint(0, images.shape[0], (budget.batch_size,), generator=g)]), {}
+
+        def validate():
+            student.eval()
+            with torch.no_grad():
+                total = sum(float(loss_of(x)) * x.shape[0] for x in heldout.split(budget.batch_size))
+            student.train()
+            return total / heldout.shape[0], {}
+
+        lr_at = budget_schedule(budget, steps)
+        record = TrainingRecord()
+        bounds = self.stages(steps) + [("", steps)]
+        for (name, start), (_, end) in zip(bounds, bounds[1:]):
+            if end <= start:
+                continue
+            trainer = Trainer(name, opt, end - start, lambda s, start=start: lr_at(start + s),
+                              samples_per_step=budget.batch_size, train_samples=images.shape[0],
+                              objective="MSE(student, teacher outputs) in [0, 1] units", validate=validate,
+                              heldout_samples=0 if heldout is None else heldout.shape[0])
+            record.add(trainer.run(lambda s, start=start: step_fn(start + s)))
         student.eval()
-        return train_record(losses, t0)
+        return record
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

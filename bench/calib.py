@@ -31,6 +31,8 @@ import torch
 from bench import data
 from bench.errors import BenchError, ConfigError
 
+HELDOUT_TRIES = 100  # draws per wanted held-out sample before a small source gives up on it
+
 
 @dataclass
 class CalibSpec:
@@ -64,10 +66,12 @@ class CalibSpec:
 class CalibSet:
     spec: CalibSpec
     windows: torch.Tensor  # (n_samples, seqlen) token ids, or (n_samples, 3, patch, patch) LR images
-    sha256: str
+    sha256: str  # of `windows`, the training samples (what keys the artifact cache)
+    heldout: torch.Tensor | None = None  # held-out samples of the same source, disjoint from `windows` (validation)
 
     @property
     def describe(self) -> str:
+        """The training samples (a training record states how many held-out samples its validation used)."""
         if self.spec.source == "gaussian_noise":
             n, c, h, w = self.windows.shape
             return f"{self.spec.name} {n}x{c}x{h}x{w} N(0,1) seed={self.spec.seed}"
@@ -78,16 +82,24 @@ class CalibSet:
         return f"{self.spec.name}[{self.spec.split}] {n}x{s} seed={self.spec.seed}"
 
 
-def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str | None = None) -> CalibSet:
+def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str | None = None,
+         heldout: int = 0) -> CalibSet:
+    """`n_samples` training samples, then `heldout` held-out ones drawn by the same seeded generator after them (so
+    the training samples are those drawn without any held-out ones) and disjoint from them: text windows and image
+    crops that overlap a training one are redrawn (a source too small to yield them all gives fewer, possibly none);
+    noises are distinct draws. Training never sees the held-out samples; the test split is never either."""
     if n_samples <= 0 or seqlen <= 0:
         raise ConfigError(f"calibration needs n_samples>0 and seqlen>0 (got {n_samples}, {seqlen})",
                           "set budget.calib_samples and budget.calib_seqlen to positive values")
+    if heldout < 0:
+        raise ConfigError(f"{heldout} held-out calibration samples is negative", "set budget.val_samples>=0")
     if spec.source == "image_patches":
-        return _image_patches(spec, n_samples, data_root)
+        return _image_patches(spec, n_samples, data_root, heldout)
     if spec.source == "gaussian_noise":
         g = torch.Generator().manual_seed(spec.seed)
         noise = torch.randn((n_samples, spec.channels, spec.patch, spec.patch), generator=g)
-        return CalibSet(spec, noise, hashlib.sha256(noise.numpy().tobytes()).hexdigest())
+        held = torch.randn((heldout, spec.channels, spec.patch, spec.patch), generator=g) if heldout else None
+        return CalibSet(spec, noise, hashlib.sha256(noise.numpy().tobytes()).hexdigest(), held)
     if tokenizer is None:
         raise ConfigError(f"calib={spec.name} is text and this model has no tokenizer",
                           "image models calibrate on images: calib=imagenet_sample_lr")
@@ -105,10 +117,17 @@ def load(spec: CalibSpec, tokenizer, n_samples: int, seqlen: int, data_root: str
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(n_samples)]
     windows = torch.stack([ids[s:s + seqlen] for s in starts])
     sha = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
-    return CalibSet(spec, windows, sha)
+    held = []
+    for _ in range(HELDOUT_TRIES * heldout):  # bounded: a small source may hold fewer disjoint windows
+        if len(held) == heldout:
+            break
+        s = rng.randint(0, ids.numel() - seqlen - 1)
+        if all(abs(s - t) >= seqlen for t in starts + held):
+            held.append(s)
+    return CalibSet(spec, windows, sha, torch.stack([ids[s:s + seqlen] for s in held]) if held else None)
 
 
-def _image_patches(spec: CalibSpec, n_samples: int, data_root: str | None) -> CalibSet:
+def _image_patches(spec: CalibSpec, n_samples: int, data_root: str | None, heldout: int = 0) -> CalibSet:
     from PIL import Image
 
     root = data.data_root(data_root)
@@ -119,15 +138,25 @@ def _image_patches(spec: CalibSpec, n_samples: int, data_root: str | None) -> Ca
         raise data.missing(spec.images, data_root)
     rng = random.Random(spec.seed)
     hr = spec.patch * spec.scale
-    patches = []
-    while len(patches) < n_samples:
-        with Image.open(rng.choice(files)) as im:
+    patches, boxes, held, tries = [], [], [], 0
+    while len(patches) < n_samples or (len(held) < heldout and tries < HELDOUT_TRIES * heldout):
+        training = len(patches) < n_samples
+        tries += not training
+        f = rng.choice(files)
+        with Image.open(f) as im:
             im = im.convert("RGB")
             if im.width < hr or im.height < hr:
                 continue
             x, y = rng.randint(0, im.width - hr), rng.randint(0, im.height - hr)
+            if not training and any(g == f and abs(x - bx) < hr and abs(y - by) < hr for g, bx, by in boxes):
+                continue  # a held-out crop shares no pixel with a training crop
             lr = im.crop((x, y, x + hr, y + hr)).resize((spec.patch, spec.patch), Image.BICUBIC)
-            patches.append(torch.from_numpy(np.asarray(lr, dtype=np.uint8).copy()).permute(2, 0, 1))
+            crop = torch.from_numpy(np.asarray(lr, dtype=np.uint8).copy()).permute(2, 0, 1)
+            if training:
+                patches.append(crop)
+                boxes.append((f, x, y))
+            else:
+                held.append(crop)
     images = torch.stack(patches).to(torch.float32)
     sha = hashlib.sha256(images.to(torch.uint8).numpy().tobytes()).hexdigest()
-    return CalibSet(spec, images, sha)
+    return CalibSet(spec, images, sha, torch.stack(held).to(torch.float32) if held else None)

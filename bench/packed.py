@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bench.models import LoadedModel
+from bench.training import TrainingRecord
 
 # How the timed/evaluated model executes the compressed layers. Backends and summaries say this out loud.
 EXECUTION_DENSE = "dense"  # ordinary fp32 matmuls on uncompressed weights
@@ -85,8 +86,9 @@ class Packed:
     layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     layer_format: dict[str, str] = field(default_factory=dict)
     per_layer: list[dict] = field(default_factory=list)  # statistics, logged as an artifact
-    info: dict = field(default_factory=dict)  # method-specific facts for the record (e.g. training loss)
+    info: dict = field(default_factory=dict)  # method-specific facts for the record (numbers become method.*)
     extra_metadata: dict[str, str] = field(default_factory=dict)  # what a restore needs besides tensors
+    training: TrainingRecord | None = None  # the trained stages, for methods that train (bench.training)
 
     def tensors(self, base: LoadedModel) -> dict[str, torch.Tensor]:
         """Everything the artifact stores: compressed layers + the other parameters at storage dtype."""

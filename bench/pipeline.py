@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from bench.errors import ConfigError
 from bench.plugins import Method
+from bench.training import TrainingRecord
 
 
 @dataclass
@@ -49,6 +50,10 @@ class Pipeline(Method):
         for stage in self.stages:
             packed = stage.compress(model, calib if stage.needs_calibration else None, budget)
             records.append(packed)
+        training = TrainingRecord()
+        for rec in records:  # the stages that trained, in order
+            training.add(rec.training)
+        packed.training = training if training.stages else None
         packed.method = self.name
         for stage, rec in zip(self.stages, records):
             packed.info.update({f"{stage.name}.{k}": v for k, v in rec.info.items() if isinstance(v, (int, float))})

@@ -21,6 +21,7 @@ from torch import nn
 
 from bench.distill import distill, kd_logits
 from bench.errors import ConfigError, NotApplicable, check_range
+from bench.training import TrainingRecord
 
 VARIANTS = ("none", "lora", "dora", "rora")
 STORED = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
@@ -75,7 +76,8 @@ class Recovery:
             kd = kd_logits(s_out.logits, t_out.logits)
             return kd, {}
         history = distill(teacher, model.module, params, calib.windows, budget, self.seed, loss,
-                          f"recover={self.name}")
+                          f"recover={self.name}", heldout=calib.heldout,
+                          objective="KL(teacher || student) on logits (batchmean)")
         with torch.no_grad():
             for p in params:  # the evaluated model holds exactly the stored fp16 adapters
                 p.copy_(p.half().float())
@@ -87,8 +89,7 @@ class Recovery:
                     packed.layers[ref.name][key] = t.detach().half()
         suffix = f"+{self.name}{self.rank}"
         packed.layer_format = {k: v + suffix for k, v in packed.layer_format.items()}
-        packed.info.update({f"recover_{k}": v for k, v in history.items() if k != "train_losses"})
-        packed.info["recover_losses"] = history["train_losses"]
+        packed.training = TrainingRecord().add(packed.training).add(history)  # after the method's own stages
         return packed
 
     @torch.no_grad()

@@ -7,6 +7,7 @@
     deployed = backend.deploy(packed)                           (real kernels: the task is evaluated again)
     measured = backend.measure(deployed, task.workload())      (or unsupported, with the reason)
     record   = one MLflow run with params, metrics, tags, artifacts; FAILED on any exception
+               (a method that trains adds its training record: train.* metrics and tags, train_curve.json/png)
 
 Nothing downstream reaches back upstream. The uncompressed baseline is a run like any other (method=none);
 when a compressed method runs, the baseline's result is reused from the store if the same model weights,
@@ -21,8 +22,10 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from bench import models, precision, resources, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
 from bench.plugins import Backend, Method, Task
+from bench.training import TrainingRecord
 
 
 @dataclass
@@ -165,9 +169,11 @@ class Runner:
         calib = calib_id = None
         if method.needs_calibration or recover.enabled:
             calib = calib_mod.load(self.calib_spec, model.tokenizer, self.budget.calib_samples,
-                                   self.budget.calib_seqlen, self.data_root)
+                                   self.budget.calib_seqlen, self.data_root, heldout=self.budget.val_samples)
+            budget = OmegaConf.to_container(self.cfg.budget, resolve=True)
+            budget.pop("val_samples", None)  # held-out samples only measure: they change nothing that is stored
             calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
-                        "budget": OmegaConf.to_container(self.cfg.budget, resolve=True)}
+                        "budget": budget}
             run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
         parts = [model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method)]
         if calib is not None and self.cfg.precision != precision.REFERENCE:
@@ -180,9 +186,12 @@ class Runner:
         t0 = time.perf_counter()
         if self.store.has(key):
             try:
-                packed = method.restore(models.clone(model), *self.store.load(key))
+                tensors, metadata = self.store.load(key)
+                packed = method.restore(models.clone(model), tensors, metadata)
                 if recover.enabled:
                     packed = recover.restore(models.with_module(model, packed.model), packed)
+                if "training" in metadata:  # the record of the training that built this artifact
+                    packed.training = TrainingRecord.from_json(metadata["training"])
                 timings["restore_s"] = time.perf_counter() - t0
                 run.tag({"bench.cache": "hit", "bench.artifact_key": key})
                 return packed, key
@@ -204,7 +213,10 @@ class Runner:
             raise NumericalFailure(f"method '{method_cfg['name']}' produced NaN/inf in {len(bad)} stored tensor(s), "
                                    f"first {bad[0]}", "nothing was cached and the run is recorded as failed; try "
                                    "more bits, a lower budget.lr or another method")
-        self.store.save(key, tensors, packed.metadata())
+        metadata = packed.metadata()
+        if packed.training is not None:
+            metadata["training"] = packed.training.to_json()
+        self.store.save(key, tensors, metadata)
         timings["artifact_write_s"] = time.perf_counter() - t0
         run.tag({"bench.cache": "miss", "bench.artifact_key": key})
         return packed, key
@@ -229,10 +241,11 @@ class Runner:
             storage.artifact_bytes = self.store.paths(key)[0].stat().st_size
             late_tags = {"bench.execution": packed.execution}
             metrics = storage.as_metrics()
-            info = {k: v for k, v in packed.info.items() if k != "train_losses"}
-            metrics.update({f"method.{k}": float(v) for k, v in info.items() if isinstance(v, (int, float))})
-            if "train_losses" in packed.info:
-                run.json_artifact(packed.info["train_losses"], "train_losses.json")
+            metrics.update({f"method.{k}": float(v) for k, v in packed.info.items() if isinstance(v, (int, float))})
+            if packed.training is not None:
+                metrics.update(packed.training.metrics())
+                late_tags.update(packed.training.tags())
+                self._training_artifacts(run, packed.training)
             if packed.per_layer:
                 run.json_artifact(packed.per_layer, "per_layer.json")
             # --- evaluate ---
@@ -285,6 +298,14 @@ class Runner:
             run.metrics(metrics)
             run.text_artifact(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
             return CellResult(run.id, method_cfg["name"], metrics, {**tags, **late_tags}, timings)
+
+    @staticmethod
+    def _training_artifacts(run, training: TrainingRecord) -> None:
+        """train_curve.json (every stage: raw and smoothed loss, lr, terms, held-out checkpoints, verdict) and
+        train_curve.png."""
+        run.text_artifact(training.to_json(), "train_curve.json")
+        with tempfile.TemporaryDirectory() as d:
+            run.file_artifact(str(training.plot(Path(d) / "train_curve.png")))
 
     def _evaluate_deployed(self, run, evaluated: models.LoadedModel, packed, deployed, task_metrics) -> dict:
         """The task again, on the model the backend really runs: `<metric>.deployed` and its difference to the

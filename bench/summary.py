@@ -40,7 +40,7 @@ def rows(results: list[CellResult]) -> list[list[str]]:
 
 
 def _task_roots(metrics: dict) -> set[str]:
-    skip = {"storage", "latency", "throughput", "memory", "energy", "time", "method", "cost"}
+    skip = {"storage", "latency", "throughput", "memory", "energy", "time", "method", "cost", "train"}
     return {k.split(".")[0] for k in metrics} - skip
 
 
@@ -69,6 +69,9 @@ def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -
             diff = next((v for k, v in result.metrics.items() if k.startswith(f"{key}_minus_")), None)
             print(f"deployed ({result.tags.get('bench.deployed_execution')}): {name} = {fmt(value)}; torch "
                   f"{result.tags.get('bench.execution')}: {fmt(result.metrics.get(name))}; difference {fmt(diff)}")
+    if result.tags.get("train.converged") == "false":
+        print(f"training did not converge: {result.tags.get('train.verdict')} (criterion: "
+              f"{result.tags.get('train.criterion')})")
     if result.tags.get("bench.execution") == "fake-quant" and "bench.deployed_execution" not in result.tags:
         print(f"note: latency/energy are for fake-quant execution ({prec} matmuls on dequantized weights); "
               "accuracy is real, speed is not that of a low-bit kernel")

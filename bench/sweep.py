@@ -93,7 +93,7 @@ def _child(container: dict, result_path: str, sid: str) -> None:
         unsupported = result.tags.get("bench.hardware_status") == "unsupported"
         out = {"status": "unsupported" if unsupported else "finished", "run_id": result.run_id,
                "metrics": {k: v for k, v in result.metrics.items() if k.split(".")[0] not in
-                           ("time", "method", "memory", "throughput")}}
+                           ("time", "method", "memory", "throughput", "train")}}
     except BenchError as e:
         out = {"status": "failed", "error": str(e)}
     except MemoryError:

@@ -194,7 +194,8 @@ def part_distill(model, steps: int) -> None:
         for p in PRECS:
             with precision.compute(p):
                 packed = BinaryMoS(seed=0).compress(models.clone(model), cs, budget)
-            per_step[p].append(packed.info["train_seconds"] / packed.info["train_steps"])
+            train = packed.training.summary()
+            per_step[p].append(train["seconds"] / train["steps"])
     report(f"binarymos distill step (1 x 512 tokens, {steps} steps)", per_step)
 
 

@@ -18,9 +18,12 @@ model's input, t1 the fp block's output on the fp model's input and t2 the fp bl
 MSE(q, t1) + MSE(q, t2) - log|cos(q, t1)| - log|cos(q, t2)| + KL(A_fp || A_q) + KL(A_q || A_fp), where A
 are the attention probability maps (fp block on fp input vs quantized block). The reference applies
 log_softmax/softmax once more to the already-normalised maps; this follows the paper's KL of the maps.
-AdamW, no weight decay, lr 5e-3 (LET), 1e-2 (LWC and compensation) as in the reference; steps per block
-and the calibration windows come from `budget=` (reference: 20 epochs of 128 x 2048 tokens, 40 at 2 bits);
-when the steps visit fewer windows than the calibration set holds, only those are propagated.
+AdamW, no weight decay, lr 5e-3 (LET), 1e-2 (LWC and compensation), constant, as in the reference; steps per
+block and the calibration windows come from `budget=` (reference: 20 epochs of 128 x 2048 tokens, 40 at 2 bits);
+when the steps visit fewer windows than the calibration set holds, only those are propagated. Each block is one
+stage of bench.training's record (group "abq blocks": the same windows pass through every block); the held-out
+calibration windows are propagated beside the trained ones (fp and quantized) and give each block's validation
+loss, the same objective on them.
 
 Bit balance: at 2 bits the grid has 5 levels (scale = range / 4, codes 0..4), the reference's symmetric
 {-2..2} trick. Five levels need more than 2 bits: codes are stored three per 7 bits (5^3 = 125 <= 128),
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bench.errors import ConfigError, NumericalFailure, check_range
+from bench.errors import ConfigError, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -51,6 +54,7 @@ from bench.progress import each_block
 from bench.quant import IntQuantized, n_groups, pack_levels, resolve_group_size, unpack_levels
 from bench.quant.activation import ActivationQuantized, fake_quant_activations
 from bench.quant.integer import restore_bias, round_ste, stored_bias
+from bench.training import StageRecord, Trainer, TrainingRecord
 
 LWC_INIT = 4.0
 SCALE_FLOOR = 1e-2  # the reference keeps |LET scale| >= 1e-2 ("truncate_number")
@@ -146,25 +150,26 @@ class ABQ(ActivationQuantized, Method):
         n_blocks = len(adapter.blocks())
         # only the windows the training steps visit are propagated (all of them when the budget covers an epoch)
         windows = list(calib.windows)[:max(1, budget.steps() * budget.batch_size)]
+        heldout = [] if calib.heldout is None else list(calib.heldout)
+        record = TrainingRecord()
         with adapter.eager_attention():
             inputs = adapter.capture_block_inputs(windows)
             q_in = list(inputs.hidden)
             fp_in = [h.clone() for h in q_in]
+            val = adapter.capture_block_inputs(heldout)  # held-out windows: propagated, never trained on
+            val_q, val_fp = list(val.hidden), [h.clone() for h in val.hidden]
             for b in each_block(self.name, n_blocks):
-                fp_in, q_in, history = self._block(adapter, b, fp_in, q_in, inputs.kwargs, budget, packed)
-                k = max(1, len(history) // 4)  # steps see different windows: compare quarter means
-                packed.per_layer.append({"block": b, "abq_loss_first": sum(history[:k]) / k if history else None,
-                                         "abq_loss_last": sum(history[-k:]) / k if history else None})
-        losses = [r for r in packed.per_layer if r.get("abq_loss_first") is not None]
-        if losses:
-            packed.info["abq_loss_first_mean"] = sum(r["abq_loss_first"] for r in losses) / len(losses)
-            packed.info["abq_loss_last_mean"] = sum(r["abq_loss_last"] for r in losses) / len(losses)
+                fp_in, q_in, val_fp, val_q, stage = self._block(adapter, b, fp_in, q_in, inputs.kwargs, val_fp, val_q,
+                                                                val.kwargs, budget, calib.windows.shape[0], packed)
+                record.add(stage)
+        packed.training = record if record.stages else None
         packed.info["abq_steps_per_block"] = budget.steps()
         packed.info["abq_windows"] = len(windows)
         return self.runtime_hooks(model, packed)
 
-    def _block(self, adapter, b, fp_in, q_in, kwargs, budget, packed):
-        """Train and quantize block b; returns the next block's fp and quantized inputs and the loss history."""
+    def _block(self, adapter, b, fp_in, q_in, kwargs, val_fp, val_q, val_kwargs, budget, n_calib, packed):
+        """Train and quantize block b; returns the next block's fp and quantized inputs (trained and held-out
+        windows) and the block's training record (None when nothing trains)."""
         block = adapter.blocks()[b]
         refs = {r.role: r for r in adapter.linears() if r.block == b}
         rel = {id(m): n for n, m in block.named_modules()}
@@ -185,6 +190,7 @@ class ABQ(ActivationQuantized, Method):
         finally:
             for h in hooks:
                 h.remove()
+        val_fp_out = [adapter.run_block(b, h, kw) for h, kw in zip(val_fp, val_kwargs)]  # after the statistics
 
         g = {role: resolve_group_size(self.group_size, r.module.weight.shape[1], r.name) for role, r in refs.items()}
         transforms = self._init_transforms(adapter, refs, norms, stats) if self.let else []
@@ -209,10 +215,11 @@ class ABQ(ActivationQuantized, Method):
                   {"params": [p for pair in clip.values() for p in pair], "lr": self.lwc_lr},
                   {"params": list(comp) if comp else [], "lr": self.compensation_lr}]
         groups = [grp for grp in groups if grp["params"]]
-        history = []
+        stage = None
         if groups and budget.steps():
-            history = self._train(adapter, b, refs, params, groups, [t.scale for t in transforms], fp_in, q_in,
-                                  fp_out, kwargs, budget.steps(), budget.batch_size)
+            held = (val_fp, val_q, val_fp_out, val_kwargs)
+            stage = self._train(adapter, b, refs, params, groups, [t.scale for t in transforms], fp_in, q_in,
+                                fp_out, kwargs, held, budget, n_calib)
         with torch.no_grad():
             # 2. apply: quantized weights exactly; transformed norms and biases at their fp16 storage
             final, stored = params(with_codes=True)
@@ -230,10 +237,11 @@ class ABQ(ActivationQuantized, Method):
             hooks = self._act_hooks(refs, ste=False)
             try:
                 q_out = [adapter.run_block(b, h, kw) for h, kw in zip(q_in, kwargs)]
+                val_q_out = [adapter.run_block(b, h, kw) for h, kw in zip(val_q, val_kwargs)]
             finally:
                 for h in hooks:
                     h.remove()
-        return fp_out, q_out, history
+        return fp_out, q_out, val_fp_out, val_q_out, stage
 
     def _init_transforms(self, adapter, refs, norms, stats) -> list[_Transform]:
         def init_scale(act_role: str, roles) -> torch.Tensor:
@@ -305,8 +313,32 @@ class ABQ(ActivationQuantized, Method):
             return (x + (q - x).detach() if ste else q, *args[1:])
         return [r.module.register_forward_pre_hook(hook) for r in refs.values()]
 
-    def _train(self, adapter, b, refs, params, groups, scales, fp_in, q_in, fp_out, kwargs, steps, batch
-               ) -> list[float]:
+    def _loss(self, block, refs, params, maps, x_q, x_fp, t_fp, kw):
+        """The distribution-correction loss of the quantized block on `x_q` (fp block on the fp input `x_fp` gave
+        `t_fp`) and its six terms."""
+        with torch.no_grad():
+            t_q = _first(block(x_q, **kw)).float()  # fp block on the quantized model's input
+            maps.clear()
+            block(x_fp, **kw)  # fp block on fp input: teacher maps
+            a_fp = maps.pop().float()
+        hooks = self._act_hooks(refs, ste=True)
+        try:
+            out = _first(functional_call(block, params(), (x_q,), kw))
+        finally:
+            for h in hooks:
+                h.remove()
+        a_q = maps.pop().float()
+        out, t_fp = out.float(), t_fp.float()  # the loss from fp32 outputs
+        terms = [F.mse_loss(out, t_fp), F.mse_loss(out, t_q), _neg_log_cos(out, t_fp), _neg_log_cos(out, t_q),
+                 _kl(a_fp, a_q), _kl(a_q, a_fp)]
+        loss = terms[0] + terms[1] + terms[2] + terms[3] + terms[4] + terms[5]
+        values = [float(t.detach()) for t in terms]
+        return loss, {"mse_fp": values[0], "mse_q": values[1], "cos_fp": values[2], "cos_q": values[3],
+                      "kl_maps": values[4] + values[5]}
+
+    def _train(self, adapter, b, refs, params, groups, scales, fp_in, q_in, fp_out, kwargs, held, budget,
+               n_calib) -> StageRecord:
+        steps, batch = budget.steps(), budget.batch_size
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
         block = adapter.blocks()[b]
         maps: list[torch.Tensor] = []
@@ -314,44 +346,43 @@ class ABQ(ActivationQuantized, Method):
         frozen = [p for p in block.parameters() if p.requires_grad]
         for p in frozen:  # only the ABQ parameters train; the block's own weights are read, not updated
             p.requires_grad_(False)
-        history = []
+
+        def step_fn(step):
+            idx = [(step * batch + j) % len(q_in) for j in range(batch)]
+            with torch.no_grad():
+                for s in scales:  # keep LET scales away from zero, as the reference
+                    s.data = torch.where(s.data.abs() < SCALE_FLOOR,
+                                         torch.where(s.data < 0, -SCALE_FLOOR, SCALE_FLOOR), s.data)
+            # rotary embeddings and mask of one window broadcast over the batch
+            return self._loss(block, refs, params, maps, torch.cat([q_in[i] for i in idx]),
+                              torch.cat([fp_in[i] for i in idx]), torch.cat([fp_out[i] for i in idx]),
+                              kwargs[idx[0]])
+
+        val_fp, val_q, val_out, val_kw = held
+
+        def validate():  # the same loss on the held-out windows, one at a time; nothing is clamped or updated
+            total, terms = 0.0, {}
+            with torch.no_grad():
+                for args in zip(val_q, val_fp, val_out, val_kw):
+                    loss, parts = self._loss(block, refs, params, maps, *args)
+                    total += float(loss)
+                    for k, v in parts.items():
+                        terms[k] = terms.get(k, 0.0) + v
+            return total / len(val_q), {k: v / len(val_q) for k, v in terms.items()}
+
+        trainer = Trainer(f"abq block {b}", opt, steps, samples_per_step=batch, train_samples=n_calib,
+                          tokens_per_sample=q_in[0].shape[1], group="abq blocks", validate=validate,
+                          heldout_samples=len(val_q), progress=False,
+                          objective="mse_fp + mse_q + cos_fp + cos_q + kl_maps: MSE and -log|cos| of the quantized "
+                                    "block's output against the fp block on the fp (t1) and on the quantized (t2) "
+                                    "input, KL both ways of the attention maps (the paper's distribution correction)",
+                          fix="lower method.let_lr/lwc_lr or set method.let=false")
         try:
-            for step in range(steps):
-                idx = [(step * batch + j) % len(q_in) for j in range(batch)]
-                kw = kwargs[idx[0]]  # rotary embeddings and mask of one window broadcast over the batch
-                x_q = torch.cat([q_in[i] for i in idx])
-                t_fp = torch.cat([fp_out[i] for i in idx])
-                with torch.no_grad():
-                    t_q = _first(block(x_q, **kw)).float()  # fp block on the quantized model's input
-                    maps.clear()
-                    block(torch.cat([fp_in[i] for i in idx]), **kw)  # fp block on fp input: teacher maps
-                    a_fp = maps.pop().float()
-                    for s in scales:  # keep LET scales away from zero, as the reference
-                        s.data = torch.where(s.data.abs() < SCALE_FLOOR,
-                                             torch.where(s.data < 0, -SCALE_FLOOR, SCALE_FLOOR), s.data)
-                hooks = self._act_hooks(refs, ste=True)
-                try:
-                    out = _first(functional_call(block, params(), (x_q,), kw))
-                finally:
-                    for h in hooks:
-                        h.remove()
-                a_q = maps.pop().float()
-                out, t_fp = out.float(), t_fp.float()  # the loss from fp32 outputs
-                loss = (F.mse_loss(out, t_fp) + F.mse_loss(out, t_q) + _neg_log_cos(out, t_fp)
-                        + _neg_log_cos(out, t_q) + _kl(a_fp, a_q) + _kl(a_q, a_fp))
-                if not torch.isfinite(loss):
-                    raise NumericalFailure(f"abq loss of block {b} is {float(loss)} at step {step}",
-                                           "lower method.let_lr/lwc_lr or set method.let=false")
-                opt.zero_grad(set_to_none=True)
-                with fp32():  # backward and the update outside autocast
-                    loss.backward()
-                    opt.step()
-                history.append(float(loss.detach()))
+            return trainer.run(step_fn)
         finally:
             grab.remove()
             for p in frozen:
                 p.requires_grad_(True)
-        return history
 
     # --- artifact ------------------------------------------------------------------------------------
     @torch.no_grad()

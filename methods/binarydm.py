@@ -23,8 +23,6 @@ single-basis one +-s1. Execution: fake-quant.
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import diffusion
-from bench.errors import ConfigError, NumericalFailure, check_range
+from bench.errors import ConfigError, check_range
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import clipped_sign
 from bench.quant.integer import restore_bias, stored_bias, weight_matrix
+from bench.training import StageRecord, Trainer, TrainingRecord, budget_adamw, budget_schedule
 
 
 def bases(w: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None):
@@ -129,6 +128,7 @@ class BinaryDM(Method):
         for p in teacher.parameters():
             p.requires_grad_(False)
         xs, ts = diffusion.calibration_inputs(model, calib, self.calib_steps)
+        heldout = diffusion.heldout_inputs(model, calib, self.calib_steps)  # validation pairs, never trained on
         refs = self._targets(model)
         wrapped = {}
         for ref in refs:
@@ -137,7 +137,7 @@ class BinaryDM(Method):
             wrapped[ref.name] = layer
         student = model.module
         projections = self._lrm_projections(teacher, xs, ts)
-        record = self._train(teacher, student, projections, xs, ts, budget, calib.spec.seed)
+        record = self._train(teacher, student, projections, xs, ts, heldout, budget, calib.spec.seed)
         # freeze: the binarized weights go back into plain layers, with their stored form
         packed = Packed(student, self.name, self.execution)
         n_bits = 0
@@ -163,7 +163,7 @@ class BinaryDM(Method):
             p.requires_grad_(False)
         student.eval()
         n_w = sum(wrapped[r.name].latent.numel() for r in refs)
-        packed.info.update({k: v for k, v in record.items()})
+        packed.training = TrainingRecord([record])
         packed.info["sign_bits_per_binarized_weight"] = n_bits / n_w
         packed.info["multi_basis_layers"] = sum(1 for r in refs if wrapped[r.name].s2 is not None)
         kept = sorted({r.name for r in model.adapter.linears()} - {r.name for r in refs})
@@ -196,19 +196,14 @@ class BinaryDM(Method):
         got.append(eps)
         return got
 
-    def _train(self, teacher, student, projections, xs, ts, budget, seed) -> dict:
+    def _train(self, teacher, student, projections, xs, ts, heldout, budget, seed) -> StageRecord:
         steps = budget.steps()
         g = torch.Generator().manual_seed(seed)
         params = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=budget.weight_decay)
-        warm = max(1, int(math.ceil(budget.warmup_ratio * steps)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                                  0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        opt = budget_adamw(params, budget)
         student.train()
-        losses, t0 = [], time.perf_counter()
-        for step in range(steps):
-            idx = torch.randint(0, xs.shape[0], (budget.batch_size,), generator=g)
-            x, t = xs[idx], ts[idx]
+
+        def loss_of(x, t):
             with torch.no_grad():
                 ft = self._features(teacher, x, t)
             fs = self._features(student, x, t)
@@ -218,24 +213,32 @@ class BinaryDM(Method):
                 lrm = sum(F.mse_loss(torch.einsum("bchw,cr->bhwr", a, p), torch.einsum("bchw,cr->bhwr", b, p))
                           for a, b, p in zip(fs[:-1], ft[:-1], projections)) / len(projections)
                 loss = loss_out + self.lrm_weight * lrm
-            if not torch.isfinite(loss):
-                raise NumericalFailure(f"binarydm loss became {loss.item()} at step {step}", "lower budget.lr")
-            opt.zero_grad(set_to_none=True)
-            with fp32():  # backward and the update outside autocast
-                loss.backward()
-                opt.step()
-                sched.step()
-            losses.append((loss.item(), loss_out.item(), float(lrm.detach())))
+            return loss, {"out_mse": loss_out.item(), "lrm": self.lrm_weight * float(lrm.detach())}
+
+        def step_fn(_step):
+            idx = torch.randint(0, xs.shape[0], (budget.batch_size,), generator=g)
+            return loss_of(xs[idx], ts[idx])
+
+        def validate():  # chunks of the training batch size, weighted by their sizes
+            student.eval()
+            total, terms, n = 0.0, {}, heldout[0].shape[0]
+            with torch.no_grad():
+                for x, t in zip(heldout[0].split(budget.batch_size), heldout[1].split(budget.batch_size)):
+                    loss, parts = loss_of(x, t)
+                    total += float(loss) * x.shape[0]
+                    for k, v in parts.items():
+                        terms[k] = terms.get(k, 0.0) + v * x.shape[0]
+            student.train()
+            return total / n, {k: v / n for k, v in terms.items()}
+
+        trainer = Trainer("binarydm distillation", opt, steps, budget_schedule(budget, steps),
+                          samples_per_step=budget.batch_size, train_samples=xs.shape[0], validate=validate,
+                          heldout_samples=0 if heldout is None else heldout[0].shape[0], progress=False,
+                          objective=f"out_mse = MSE(student, teacher noise prediction) + lrm = {self.lrm_weight:g} x "
+                                    "mean over levels of MSE of the PCA-projected level features (LRM); terms weighted")
+        record = trainer.run(step_fn)
         student.eval()
-        k = max(1, min(10, len(losses) // 4))
-
-        def avg(part, rows):
-            return sum(v[part] for v in rows) / len(rows)
-
-        return {"train_steps": steps, "train_seconds": time.perf_counter() - t0,
-                "train_loss_first": avg(0, losses[:k]), "train_loss_last": avg(0, losses[-k:]),
-                "train_out_mse_last": avg(1, losses[-k:]), "train_lrm_last": avg(2, losses[-k:]),
-                "train_losses": [v[0] for v in losses]}
+        return record
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -35,6 +35,7 @@ from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import clipped_sign, signs
+from bench.training import TrainingRecord
 
 
 class BinaryMoSLinear(nn.Module):
@@ -108,7 +109,7 @@ class BinaryMoS(Method):
         trainable = [p.requires_grad_(True) for m in mos for p in m.parameters()]  # the original bias too
 
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
-                          "binarymos distillation")
+                          "binarymos distillation", heldout=calib.heldout, objective=self.objective())
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
             for ref, m in zip(s_adapter.linears(), mos):
@@ -128,13 +129,19 @@ class BinaryMoS(Method):
                 packed.per_layer.append(layer_stats(ref, w0, eff))
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = f"binarymos-1bit-{self.n_experts}experts-fp16"
-        packed.info.update(history)
+        packed.training = TrainingRecord([history])
         return packed
+
+    def objective(self) -> str:
+        return (f"kd = KL(teacher || student) on logits (batchmean) + hidden_mse = {self.l2l_scale:g} x sum over "
+                "blocks of MSE(student, teacher hidden states) (the reference kd_utils.py); terms as weighted in "
+                "the loss")
 
     def _loss(self, t_out, s_out):
         kd = kd_logits(s_out.logits, t_out.logits)
         l2l = sum(F.mse_loss(s.float(), t.float()) for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]))
-        return kd + self.l2l_scale * l2l, {"kd": float(kd.detach())}
+        return kd + self.l2l_scale * l2l, {"kd": float(kd.detach()),
+                                           "hidden_mse": float(self.l2l_scale * l2l.detach())}
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

@@ -107,6 +107,9 @@ class BiPer(BinaryConvMethod):
     def make_binarizer(self, kernel, act_mag):
         return PeriodicWeights(kernel, act_mag, self.omega, self.init_b_omega)
 
+    def stages(self, steps: int) -> list[tuple[str, int]]:
+        return [("biper stage 1 (sine weights)", 0), ("biper stage 2 (binary weights)", int(self.stage1_ratio * steps))]
+
     def on_step(self, step, steps, layers) -> None:
         if step == 0:
             self._qe_start = sum(m.binarizer.qe() for m in layers) / len(layers)

@@ -39,6 +39,7 @@ from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
 from bench.quant.integer import expand_groups, fp16_ste, n_groups, restore_bias, stored_bias
+from bench.training import TrainingRecord
 
 INIT_GRID = torch.linspace(0.05, 1.0, 96)  # candidate s as fractions of the group's max |w|
 
@@ -136,14 +137,17 @@ class DBLLM(Method):
         weight = teacher_entropy(t).pow(self.dad_gamma)
         weight = weight / weight.mean().clamp(min=1e-8)
         loss = (weight * kl).sum() / t.shape[0]  # "batchmean", as the suite's kd_logits
-        return loss, {"kd": float(kl.sum().detach() / t.shape[0])}
+        return loss, {"kd_dad": float(loss.detach()), "kd": float(kl.sum().detach() / t.shape[0])}
 
     def compress(self, model, calib, budget) -> Packed:
         teacher = model.module
         student, adapter, final = frozen_student(teacher, lambda linear: DualBinaryLinear(linear, self.group_size))
         trainable = [p for m in final.values() for p in (m.weight, m.alpha1, m.alpha2)]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
-                          "dbllm dual-binarization distillation")
+                          "dbllm dual-binarization distillation", heldout=calib.heldout,
+                          objective=f"kd_dad = per-token KL(teacher || student) weighted by teacher entropy^"
+                                    f"{self.dad_gamma:g} (weights mean 1 per batch), summed / batch: the loss; kd = "
+                                    "the same KL unweighted (plain KD, shown beside it, not added)")
         packed = Packed(model.module, self.name, self.execution)
         zeros = 0.0
         with torch.no_grad():
@@ -159,7 +163,7 @@ class DBLLM(Method):
                                            "alpha1": m.alpha1.half(), "alpha2": m.alpha2.half(),
                                            **stored_bias(ref.module)}
                 packed.layer_format[ref.name] = self.fmt()
-        packed.info.update(history)
+        packed.training = TrainingRecord([history])
         packed.info["zero_fraction"] = zeros / model.adapter.n_block_linear_weights()
         return packed
 

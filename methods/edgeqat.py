@@ -41,6 +41,7 @@ from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized
 from bench.quant.integer import fp16_ste, load_int_layer, restore_bias, round_ste, stored_int_layer
+from bench.training import TrainingRecord
 
 
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
@@ -127,6 +128,12 @@ class EdgeQAT(Method):
     def fmt(self) -> str:
         return f"edgeqat-w{self.bits}-per_tensor-sym+a{self.act_bits}-per_tensor-static"
 
+    def objective(self) -> str:
+        return (f"ce = {self.ce_weight:g} x LM loss + kd = {self.kd_weight:g} x T^2 KL(teacher || student) at "
+                f"T={self.temperature:g} + dist = {self.distribution_weight:g} x -log(sum of attention-map cosines) + "
+                f"ent = {self.entropy_weight:g} x -0.5 log(sum of log(1 + Var) of q/k heads); terms as weighted in "
+                "the loss (dist and ent can be negative)")
+
     def _entropy_hooks(self, adapter, head_dim: int, store: list) -> list:
         """Forward hooks collecting sum log(1 + Var_d) of each head of the q and k projections' outputs."""
         def hook(_m, _args, out):
@@ -162,8 +169,9 @@ class EdgeQAT(Method):
             spreads.clear()
             loss = (self.ce_weight * s_out.loss + self.kd_weight * kd + self.distribution_weight * distribution
                     + self.entropy_weight * entropy)
-            return loss, {"ce": s_out.loss.item(), "kd": kd.item(), "dist": distribution.item(),
-                          "ent": entropy.item()}
+            return loss, {"ce": self.ce_weight * s_out.loss.item(), "kd": self.kd_weight * kd.item(),
+                          "dist": self.distribution_weight * distribution.item(),
+                          "ent": self.entropy_weight * entropy.item()}
 
         trainable = [p for p in student.parameters()]
         for p in trainable:
@@ -171,7 +179,8 @@ class EdgeQAT(Method):
         try:
             with model.adapter.eager_attention(), adapter.eager_attention():
                 history = distill(teacher, student, trainable, calib.windows, budget, self.seed, loss_fn,
-                                  "edgeqat quantization-aware training", attentions=True, student_labels=True)
+                                  "edgeqat quantization-aware training", attentions=True, student_labels=True,
+                                  heldout=calib.heldout, objective=self.objective())
         finally:
             for h in hooks:
                 h.remove()
@@ -196,7 +205,7 @@ class EdgeQAT(Method):
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = self.fmt()
                 attach_static_act_quant(linear, stored["act_step"], stored["act_zero"], self.act_bits, m.a_signed)
-        packed.info.update(history)
+        packed.training = TrainingRecord([history])
         packed.info["activations"] = f"a{self.act_bits}-per_tensor-static"
         return packed
 

@@ -37,6 +37,7 @@ from bench.depth import DepthPruning
 from bench.distill import distill, kd_logits
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.models import round_to_storage
+from bench.training import StageRecord, TrainingRecord
 
 
 def share_blocks(adapter, parents: dict[int, int]) -> None:
@@ -98,7 +99,7 @@ class FoldGPT(DepthPruning):
         super().rebuild_structure(adapter, metadata)
         share_blocks(adapter, {int(c): p for c, p in json.loads(metadata["shared_blocks"]).items()})
 
-    def _train_gates(self, teacher, student, calib, budget) -> tuple[list[float], dict]:
+    def _train_gates(self, teacher, student, calib, budget) -> tuple[list[float], StageRecord]:
         adapter = student.adapter
         n = len(adapter.blocks())
         gates = nn.Parameter(torch.ones(n))
@@ -110,22 +111,24 @@ class FoldGPT(DepthPruning):
         def loss_fn(t_out, s_out):  # KD per token, so the regulariser's weight does not depend on the window length
             kd = kd_logits(s_out.logits, t_out.logits) / s_out.logits.shape[1]
             polar = (flops_share * (self.polar_t * gates.abs() - (gates - gates.mean()).abs())).sum()
-            return kd + self.polar_weight * polar, {"kd": kd.item(), "polar": polar.item()}
+            return kd + self.polar_weight * polar, {"kd": kd.item(), "polar": self.polar_weight * polar.item()}
 
-        def project():  # gates stay in [0, 1]
+        def project(_step):  # gates stay in [0, 1]
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
 
         try:
             history = distill(teacher, student.module, [gates], calib.windows,
                               dataclasses.replace(budget, lr=self.gate_lr), self.seed, loss_fn, "foldgpt gates",
-                              after_step=project)
+                              after_step=project, heldout=calib.heldout,
+                              objective=f"kd = KL(teacher || student) per token + polar = {self.polar_weight:g} x "
+                                        f"polarization R(g) (t={self.polar_t:g}; can be negative); terms as weighted")
         finally:
             for h in handles:
                 h.remove()
         return gates.detach().tolist(), history
 
-    def _recover_norms(self, teacher, student, calib, budget) -> dict:
+    def _recover_norms(self, teacher, student, calib, budget) -> StageRecord:
         adapter = student.adapter
         norms = [m.weight for block in adapter.blocks() for m in adapter.block_norms(block).values()]
         norms.append(adapter.final_norm().weight)
@@ -135,10 +138,12 @@ class FoldGPT(DepthPruning):
         def loss_fn(t_out, s_out):
             kd = kd_logits(s_out.logits, t_out.logits)
             tail = F.mse_loss(s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float())
-            return kd + self.tail_scale * tail, {"kd": kd.item(), "tail": tail.item()}
+            return kd + self.tail_scale * tail, {"kd": kd.item(), "tail": self.tail_scale * tail.item()}
 
         history = distill(teacher, student.module, norms, calib.windows, dataclasses.replace(budget, lr=self.norm_lr),
-                          self.seed, loss_fn, "foldgpt norm recovery")
+                          self.seed, loss_fn, "foldgpt norm recovery", heldout=calib.heldout,
+                          objective=f"kd = KL(teacher || student) on logits (batchmean) + tail = {self.tail_scale:g} x "
+                                    "MSE(last hidden state); terms as weighted")
         with torch.no_grad():  # what runs is what the artifact stores
             round_to_storage(student.module, getattr(torch, student.spec.storage_dtype))
         for p in student.module.parameters():
@@ -170,7 +175,6 @@ class FoldGPT(DepthPruning):
         norm_history = self._recover_norms(teacher, model, calib, budget)
         packed = self.record(model, removed, {"gates": gates, "shared_blocks": parents})
         packed.extra_metadata["shared_blocks"] = json.dumps(parents)
-        packed.info.update({"blocks_shared": len(parents), "gate_train_loss_first": gate_history["train_loss_first"],
-                            "gate_train_loss_last": gate_history["train_loss_last"]})
-        packed.info.update({k: norm_history[k] for k in ("train_loss_first", "train_loss_last", "train_losses")})
+        packed.info["blocks_shared"] = len(parents)
+        packed.training = TrainingRecord([gate_history, norm_history])
         return packed

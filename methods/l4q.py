@@ -29,6 +29,7 @@ from bench.precision import fp32
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
 from bench.quant.integer import (expand_groups, fp16_ste, int_format, load_int_layer, restore_bias, round_ste,
                                  stored_int_layer)
+from bench.training import TrainingRecord
 
 
 class L4QLinear(nn.Module):
@@ -101,7 +102,8 @@ class L4Q(Method):
             teacher, lambda linear: L4QLinear(linear, self.bits, self.group_size, self.rank, self.alpha))
         trainable = [p for m in final.values() for p in (m.lora_a, m.lora_b, m.step, m.offset)]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
-                          "l4q quantization-aware training")
+                          "l4q quantization-aware training", heldout=calib.heldout,
+                          objective="KL(teacher || student) on logits (batchmean)")
         packed = Packed(model.module, self.name, self.execution)
         with torch.no_grad():
             for ref in model.adapter.linears():  # the artifact model: the original linears, quantized weights
@@ -114,7 +116,7 @@ class L4Q(Method):
                 packed.layers[ref.name] = stored_int_layer(codes.to(torch.uint8), m.stored_step().half(),
                                                            m.stored_zero(), self.bits, ref.module.bias)
                 packed.layer_format[ref.name] = self.fmt()
-        packed.info.update(history)
+        packed.training = TrainingRecord([history])
         return packed
 
     @torch.no_grad()

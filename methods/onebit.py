@@ -35,6 +35,7 @@ from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.integer import restore_bias
+from bench.training import TrainingRecord
 
 LATENT_INIT = 0.01
 
@@ -108,7 +109,8 @@ class OneBit(Method):
         kd = kd_logits(s_out.logits, t_out.logits)
         hidden = sum((F.normalize(t.float(), dim=-1) - F.normalize(s.float(), dim=-1)).pow(2).sum(-1).mean()
                      for s, t in zip(s_out.hidden_states[:-1], t_out.hidden_states[:-1]))
-        return kd + self.hidden_scale * hidden, {"kd": float(kd.detach())}
+        return kd + self.hidden_scale * hidden, {"kd": float(kd.detach()),
+                                                 "hidden": float(self.hidden_scale * hidden.detach())}
 
     def compress(self, model, calib, budget) -> Packed:
         teacher = model.module
@@ -116,7 +118,11 @@ class OneBit(Method):
         mods = list(layers.values())
         trainable = [p for m in mods for p in m.parameters()]
         history = distill(teacher, student, trainable, calib.windows, budget, self.seed, self._loss,
-                          "onebit distillation")
+                          "onebit distillation", heldout=calib.heldout,
+                          objective="kd = KL(teacher || student) on logits (batchmean) + hidden = "
+                                    f"{self.hidden_scale:g} x sum over block inputs of the squared distance of "
+                                    "L2-normalised hidden states (the reference's kd_alpha=1, kd_beta); terms as "
+                                    "weighted in the loss")
         packed = Packed(student, self.name, self.execution)
         with torch.no_grad():
             for ref, m in zip(adapter.linears(), mods):
@@ -133,7 +139,7 @@ class OneBit(Method):
                 packed.per_layer.append(layer_stats(ref, teacher.get_submodule(ref.name).weight, effective))
                 packed.layers[ref.name] = stored
                 packed.layer_format[ref.name] = "onebit-1bit-svid-fp16+layernorm"
-        packed.info.update(history)
+        packed.training = TrainingRecord([history])
         return packed
 
     @torch.no_grad()

@@ -53,6 +53,7 @@ from bench.image import count_macs
 from bench.models import round_to_storage
 from bench.packed import EXECUTION_DENSE, Packed
 from bench.plugins import Method
+from bench.training import TrainingRecord
 
 SELECTORS = ("spvit", "heatvit")
 LATENCY_NOTE = "measured: pruned tokens are dropped from the sequence (no masks), so the CPU latency gain is real"
@@ -146,6 +147,13 @@ class TokenSelection(nn.Module):
             raise NotApplicable("token_pruning met an attention mask in the ViT encoder",
                                 "it runs unmasked image transformers only")
         return (self(args[0]), *args[1:]), kwargs
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Calibration images at the model's input size (e.g. 224-pixel crops for a smaller model)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 255)
 
 
 class _Images(nn.Module):
@@ -277,19 +285,19 @@ class TokenPruning(Method):
         if self.finetune_backbone:
             ids = {id(p) for p in selector_params}
             groups.append({"params": [p for p in model.module.parameters() if id(p) not in ids], "lr": budget.lr})
-        images = calib.windows.float()
         size = self._input_size(model)
-        if images.shape[-1] != size or images.shape[-2] != size:  # e.g. 224-pixel crops for a smaller model
-            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
-                                   align_corners=False).clamp(0, 255)
+        images, heldout = (None if x is None else _resized(x.float(), size) for x in (calib.windows, calib.heldout))
 
         def loss_fn(t_logits, s_logits):
             kd = kd_logits(s_logits, t_logits)
             return kd, {"kd": kd.item()}
 
+        encoder = model.adapter.vit_encoder()
         history = distill(_Images(teacher), _Images(model.module), groups, images,
                           dataclasses.replace(budget, lr=self.selector_lr), self.seed, loss_fn,
-                          f"token_pruning {self.selector} selectors")
+                          f"token_pruning {self.selector} selectors", heldout=heldout,
+                          objective="KL(teacher || student) on the class logits (batchmean)",
+                          tokens_per_sample=encoder.n_prefix + encoder.n_patches)
         for p in model.module.parameters():
             p.requires_grad_(False)
         round_to_storage(model.module, getattr(torch, model.spec.storage_dtype))  # what runs is what is stored
@@ -297,8 +305,7 @@ class TokenPruning(Method):
         info, rows = self.facts(model, teacher, pruned)
         packed = Packed(model.module, self.name, self.execution)
         packed.info.update(info)
-        packed.info.update({k: history[k] for k in ("train_steps", "train_seconds", "train_loss_first",
-                                                    "train_loss_last", "train_losses")})
+        packed.training = TrainingRecord([history])
         packed.per_layer = [*rows, {"selector": self.selector, "latency": LATENCY_NOTE,
                                     "trained": "selectors and backbone" if self.finetune_backbone else "selectors only",
                                     "calib_images": int(images.shape[0]), "calib_resized_to": size}]

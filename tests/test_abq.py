@@ -51,8 +51,10 @@ def test_abq_trains_every_block_lowers_its_loss_and_reloads_bit_exactly(tiny_lla
     packed = method.compress(work, random_calib(), Budget(name="t", train_steps=12))
     refs = list(work.adapter.linears())
     assert set(packed.layers) == {r.name for r in refs}
-    blocks = [r for r in packed.per_layer if "abq_loss_first" in r]
-    assert len(blocks) == 2 and all(r["abq_loss_last"] < r["abq_loss_first"] for r in blocks), blocks
+    blocks = packed.training.stages  # one stage per block, in one group (the same windows pass every block)
+    assert [s.name for s in blocks] == ["abq block 0", "abq block 1"] and {s.group for s in blocks} == {"abq blocks"}
+    assert all(s.loss_last < s.loss_first for s in blocks), [(s.loss_first, s.loss_last) for s in blocks]
+    assert packed.training.summary()["steps"] == 24 and packed.training.summary()["samples_seen"] == 12
     for r in refs:  # at most 5 values per (row, group of 32)
         w = r.module.weight.data
         for row in w[:8]:

@@ -46,7 +46,7 @@ def test_binarymos_bits_per_weight_counts_experts_and_router(tiny_llama):
 
 def test_binarymos_distillation_lowers_its_loss(tiny_llama):
     _, packed = _run(tiny_llama, steps=30)
-    assert packed.info["train_loss_last"] < 0.9 * packed.info["train_loss_first"]
+    assert packed.training.summary()["loss_last"] < 0.9 * packed.training.summary()["loss_first"]
 
 
 def test_binarymos_router_mixes_experts_per_token():

@@ -58,7 +58,7 @@ def test_dbllm_trains_stores_two_planes_and_reloads(tiny_llama, tmp_path):
     method = DBLLM(group_size=32)
     work = models.clone(tiny_llama)
     packed = method.compress(work, random_calib(8, 32), budget)
-    assert packed.info["train_loss_last"] < 0.9 * packed.info["train_loss_first"]
+    assert packed.training.summary()["loss_last"] < 0.9 * packed.training.summary()["loss_first"]
     assert 0.0 < packed.info["zero_fraction"] < 1.0
     n_weights = 0
     for ref in work.adapter.linears():

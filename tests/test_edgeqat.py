@@ -17,7 +17,7 @@ def test_edgeqat_weights_and_activations_on_their_grids(arch, tmp_path):
     work = models.clone(lm)
     method = EdgeQAT()
     packed = method.compress(work, random_calib(), Budget(name="t", train_steps=10, batch_size=2, lr=2e-4))
-    assert packed.info["train_loss_last"] < packed.info["train_loss_first"]
+    assert packed.training.summary()["loss_last"] < packed.training.summary()["loss_first"]
     model = packed.model
     adapter = models.adapter_for(model)
     seen = {}

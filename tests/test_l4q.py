@@ -17,7 +17,7 @@ def test_l4q_trains_merges_and_stores_an_int_grid(tiny_llama, tmp_path):
     method = L4Q(bits=3, group_size=32, rank=8, alpha=16)
     work = models.clone(tiny_llama)
     packed = method.compress(work, random_calib(8, 32), budget)
-    assert packed.info["train_loss_last"] < 0.9 * packed.info["train_loss_first"]
+    assert packed.training.summary()["loss_last"] < 0.9 * packed.training.summary()["loss_first"]
     for ref in work.adapter.linears():
         assert type(ref.module) is torch.nn.Linear  # no adapter left: merged and quantized
         w = ref.module.weight.data

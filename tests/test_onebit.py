@@ -34,7 +34,7 @@ def test_svid_init_is_the_nonnegative_rank1_of_abs_w_and_latent_signs():
 def test_onebit_trains_stores_signs_and_reloads(tiny_llama, tiny_opt, tmp_path):
     for lm in (tiny_llama, tiny_opt):
         method, packed = _run(lm, steps=30)
-        assert packed.info["train_loss_last"] < 0.9 * packed.info["train_loss_first"]
+        assert packed.training.summary()["loss_last"] < 0.9 * packed.training.summary()["loss_first"]
         adapter = models.adapter_for(packed.model)
         n_weights = 0
         expected_bytes = 0

@@ -114,7 +114,7 @@ def test_selectors_train_and_the_artifact_restores_the_model():
     packed = method.compress(model, calib, budget)
     before, after = _kd(base.module, untrained.module, images), _kd(base.module, packed.model, images)
     assert after < 0.9 * before  # the distillation loss of the pruned model fell (-20% here)
-    assert packed.info["train_steps"] == 30 and packed.info["keep_ratio_achieved"] == 0.5
+    assert packed.training.summary()["steps"] == 30 and packed.info["keep_ratio_achieved"] == 0.5
     assert packed.info["macs_after"] < 0.7 * packed.info["macs_before"]
     assert "dropped from the sequence" in packed.extra_metadata["latency"]
     assert packed.execution == "dense" and not any(p.requires_grad for p in packed.model.parameters())

@@ -81,14 +81,14 @@ def test_binary_convs_store_two_values_per_channel_and_restore_exactly(cls, rlfn
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 255
     with torch.no_grad():
         assert torch.equal(restored.model(x), packed.model(x))
-    assert packed.info["train_steps"] == BUDGET.train_steps
+    assert packed.training.summary()["steps"] == BUDGET.train_steps
 
 
 @needs_data
 def test_birealnet_training_lowers_its_loss(rlfn_s, calib):
     packed = BiRealNet().compress(models.clone(rlfn_s), calib, Budget(
         name="t", calib_samples=8, train_steps=24, batch_size=2, lr=1e-3, warmup_ratio=0.0))
-    assert packed.info["train_loss_last"] < packed.info["train_loss_first"]
+    assert packed.training.summary()["loss_last"] < packed.training.summary()["loss_first"]
 
 
 def test_square_wave_forward_and_sine_gradient():
