@@ -68,9 +68,13 @@ def bootstrap_replicates(samples, statistic: Statistic = _mean, n_boot: int = 20
 def bootstrap_ci(samples, statistic: Statistic = _mean, n_boot: int = 2000,
                  confidence: float = 0.95, seed: int = 0, chunk: int = 250) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic(samples)`."""
-    s = bootstrap_replicates(samples, statistic, n_boot, seed, chunk)
+    return percentile_interval(bootstrap_replicates(samples, statistic, n_boot, seed, chunk), confidence)
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central `confidence` share of bootstrap replicates."""
     alpha = (1.0 - confidence) / 2
-    lo, hi = np.quantile(s, [alpha, 1 - alpha])
+    lo, hi = np.quantile(replicates, [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 

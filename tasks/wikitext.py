@@ -27,11 +27,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-import numpy as np
 
 from bench import data, stats
 from bench.errors import ConfigError, DataCorrupt, NumericalFailure
@@ -150,8 +149,7 @@ class WikiText2Perplexity(Task):
             ci = stderr = None
             if n_windows >= 2:
                 replicates = stats.bootstrap_replicates(resampled, statistic)
-                lo, hi = np.quantile(replicates, [0.025, 0.975])
-                ci, stderr = (float(lo), float(hi)), float(replicates.std(ddof=1))
+                ci, stderr = stats.percentile_interval(replicates), float(replicates.std(ddof=1))
             notes = {**common, "measure": what}
             if measure == "kld_p99_vs_base":
                 notes["percentiles"] = {f"p{100 * q:g}": float(v) for q, v in zip(KLD_PERCENTILES, percentiles)}
