@@ -37,6 +37,8 @@ FORMAT = "head-input-1"  # what a cache entry holds; a change here invalidates e
 
 
 class Reference:
+    """The base model a run loaded, answering with its logits on the ids a task evaluates (see the module doc)."""
+
     def __init__(self, base: LoadedModel, cache_root: str | Path | None = None):
         self.base = base
         self.store = ArtifactStore(cache_root) if cache_root is not None else None

@@ -5,7 +5,8 @@ Usage: .venv/bin/python benchmarks/kl_vs_base.py [--threads 1] [--windows 4] [--
 For each precision, the task is evaluated on the first --windows 2048-token windows of the RTN model three ways,
 interleaved (A B C A B C) so drift of a shared machine hits all alike:
   A  perplexity only (no reference: what a run cost before),
-  B  with the reference computed by a base-model forward per window (a run whose cache is cold),
+  B  with the reference computed by a base-model forward per window, checked and written to an empty cache (a
+     run whose cache is cold),
   C  with the reference rebuilt from the cache (every later run),
 and prints wall and CPU seconds per window, the extra of B and C over A (CPU time is what this process used;
 wall time includes other processes sharing the core) and each variant's peak RSS growth during the evaluation.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import threading
@@ -88,13 +90,14 @@ def main() -> None:
     task = WikiText2Perplexity(limit=args.windows)
     print(f"default model vs RTN W{args.bits} g{args.group_size}, first {args.windows} windows of 2048, "
           f"{args.threads} thread(s)")
+    scratch = tempfile.mkdtemp(prefix="kl_ref_")
     for prec in args.precisions.split(","):
-        cache = tempfile.mkdtemp(prefix="kl_ref_")
-        warm = Reference(base, cache)
+        warm = Reference(base, tempfile.mkdtemp(dir=scratch))
         with precision.compute(prec):
             task.evaluate(rtn, reference=warm)  # fills the cache (and warms up the kernels)
             variants = {"A ppl only": lambda: task.evaluate(rtn),
-                        "B reference by forward": lambda: task.evaluate(rtn, reference=Reference(base)),
+                        "B reference by forward": lambda: task.evaluate(
+                            rtn, reference=Reference(base, tempfile.mkdtemp(dir=scratch))),
                         "C reference from cache": lambda: task.evaluate(rtn, reference=warm)}
             times = {k: ([], [], []) for k in variants}
             results = {}
@@ -119,6 +122,7 @@ def main() -> None:
         print(f"  independent torch (float64 kl_div): mean KL {ind_kl:.5g}, top-1 agreement {ind_top1:.5g}")
         print(f"  base model perplexity on the same windows: {base_ppl:.5g}")
         print(f"  p99.9 / max KL: {c[2].notes['percentiles']['p99.9']:.4g} / {c[2].notes['percentiles']['max']:.4g}")
+    shutil.rmtree(scratch)
     print(f"\npeak RSS of the process (incl. the independent float64 check) "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
