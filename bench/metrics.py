@@ -1,4 +1,4 @@
-"""`Metric`: a protocol-qualified number with its direction, unit, stderr and the per-sample values."""
+"""`Metric`: a protocol-qualified number with its direction, unit, stderr, interval and the per-sample values."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ class Metric:
     direction: str  # "lower" | "higher" is better
     unit: str = ""
     stderr: float | None = None
+    ci: tuple[float, float] | None = None  # 95% bootstrap interval over the per-sample values, where computed
     per_sample: list[float] | None = None  # the values it was aggregated from (stored as an artifact)
     per_sample_name: str = ""  # what one per-sample value is, e.g. "window_nll_mean"
     notes: dict = field(default_factory=dict)

@@ -17,6 +17,7 @@ from bench.metrics import Metric
 from bench.models import LoadedModel
 from bench.models.adapter import LinearRef
 from bench.packed import EXECUTION_FAKE_QUANT, Packed
+from bench.reference import Reference
 
 
 @dataclass
@@ -96,13 +97,19 @@ class Task:
     limit: int | None = None  # first N windows/examples; a limited run says so in its metric names
     applies_to: ClassVar[tuple[str, ...]] = ("causal_lm",)
     protocol_version: ClassVar[str] = "1"
+    # True: the task also compares the evaluated model with the uncompressed base model the run loaded, and
+    # `evaluate` takes `reference=`: the runner passes a bench.reference.Reference over that base model for every
+    # compressed (or recovered) model, and None for the baseline cell itself, which is the reference.
+    needs_reference: ClassVar[bool] = False
 
     def check_applicable(self, model: LoadedModel) -> None:
         if model.kind not in self.applies_to:
             raise NotApplicable(f"task '{self.name}' does not apply to {model.kind} model '{model.spec.name}'",
                                 f"it applies to: {', '.join(self.applies_to)}")
 
-    def evaluate(self, model: LoadedModel, data_root: str | None = None) -> list[Metric]:
+    def evaluate(self, model: LoadedModel, data_root: str | None = None,
+                 reference: Reference | None = None) -> list[Metric]:
+        """`reference` is passed only to tasks that set `needs_reference`."""
         raise NotImplementedError
 
     def workload(self, model: LoadedModel, data_root: str | None = None) -> Workload:

@@ -40,6 +40,7 @@ from bench import models, precision, resources, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
 from bench.plugins import Backend, Method, Task
+from bench.reference import Reference
 from bench.training import TrainingRecord
 
 
@@ -164,6 +165,19 @@ class Runner:
         """Every forward of the cell (compression, recovery, evaluation, deployment, timing) runs in this."""
         return precision.compute(self.cfg.precision)
 
+    def _reference(self, model: models.LoadedModel, method: Method, recover: Recovery) -> Reference | None:
+        """What a task comparing with the base model gets: the base model this run loaded (its per-window results
+        cached under results/data_cache/reference); nothing for the baseline cell, which is that model."""
+        if not type(self.task).needs_reference or (type(method).family == "baseline" and not recover.enabled):
+            return None
+        return Reference(model, os.path.join(self.results, "data_cache", "reference"))
+
+    def _evaluate(self, evaluated: models.LoadedModel, reference: Reference | None):
+        with self._compute():
+            if type(self.task).needs_reference:
+                return self.task.evaluate(evaluated, self.data_root, reference=reference)
+            return self.task.evaluate(evaluated, self.data_root)
+
     # -- one cell --------------------------------------------------------------------------------------
     def _compress_or_restore(self, run, model, method: Method, method_cfg: dict, recover: Recovery, timings: dict):
         calib = calib_id = None
@@ -251,8 +265,8 @@ class Runner:
             # --- evaluate ---
             t0 = time.perf_counter()
             evaluated = models.with_module(model, packed.model)
-            with self._compute():
-                task_metrics = self.task.evaluate(evaluated, self.data_root)
+            reference = self._reference(model, method, recover)
+            task_metrics = self._evaluate(evaluated, reference)
             timings["evaluate_s"] = time.perf_counter() - t0
             for path in getattr(self.task, "artifact_files", []):  # e.g. a diffusion task's sample grid
                 run.file_artifact(path)
@@ -262,6 +276,8 @@ class Runner:
                 metrics[m.name] = m.value
                 if m.stderr is not None:
                     metrics[f"{m.name}.stderr"] = m.stderr
+                if m.ci is not None:
+                    metrics[f"{m.name}.ci95_low"], metrics[f"{m.name}.ci95_high"] = m.ci
                 late_tags[f"metric.{m.name}.direction"] = m.direction
             if task_metrics:  # tasks list their headline metric first (ranking, plots)
                 late_tags["bench.primary_metric"] = task_metrics[0].name
@@ -269,7 +285,8 @@ class Runner:
             if failures:  # part of a multi-task run could not run (e.g. missing data): said, not hidden
                 late_tags["bench.task_failures"] = json.dumps(failures)
             run.json_artifact([{"name": m.name, "value": m.value, "direction": m.direction, "unit": m.unit,
-                                "stderr": m.stderr, "notes": m.notes, "per_sample_name": m.per_sample_name,
+                                "stderr": m.stderr, "ci95": m.ci, "notes": m.notes,
+                                "per_sample_name": m.per_sample_name,
                                 "per_sample": m.per_sample} for m in task_metrics], "task_metrics.json")
             # --- measure (on the model as the backend deploys it) ---
             t0 = time.perf_counter()
@@ -280,7 +297,8 @@ class Runner:
                 if deployed is not packed:  # real kernels: the accuracy of what runs, beside the torch model's
                     timings["deploy_s"] = time.perf_counter() - t0
                     t1 = time.perf_counter()
-                    metrics.update(self._evaluate_deployed(run, evaluated, packed, deployed, task_metrics))
+                    metrics.update(self._evaluate_deployed(run, evaluated, packed, deployed, task_metrics,
+                                                           reference))
                     late_tags["bench.deployed_execution"] = deployed.execution
                     timings["evaluate_deployed_s"] = time.perf_counter() - t1
                     t0 = time.perf_counter()
@@ -307,12 +325,12 @@ class Runner:
         with tempfile.TemporaryDirectory() as d:
             run.file_artifact(str(training.plot(Path(d) / "train_curve.png")))
 
-    def _evaluate_deployed(self, run, evaluated: models.LoadedModel, packed, deployed, task_metrics) -> dict:
-        """The task again, on the model the backend really runs: `<metric>.deployed` and its difference to the
-        torch model's value, `<metric>.deployed_minus_<execution>` (e.g. ..._minus_fake_quant)."""
-        with self._compute():
-            again = {m.name: m for m in self.task.evaluate(models.with_module(evaluated, deployed.model),
-                                                           self.data_root)}
+    def _evaluate_deployed(self, run, evaluated: models.LoadedModel, packed, deployed, task_metrics,
+                           reference: Reference | None) -> dict:
+        """The task again, on the model the backend really runs (against the same reference):
+        `<metric>.deployed` and its difference to the torch model's value, `<metric>.deployed_minus_<execution>`
+        (e.g. ..._minus_fake_quant)."""
+        again = {m.name: m for m in self._evaluate(models.with_module(evaluated, deployed.model), reference)}
         out = {}
         for m in task_metrics:
             d = again.get(m.name)

@@ -1,7 +1,9 @@
 """Statistics that say when a difference between two methods is real.
 
 - `bootstrap_ci`: percentile bootstrap confidence interval of a statistic of per-sample values (windows,
-  examples), resampling samples with replacement.
+  examples), resampling samples with replacement; `bootstrap_replicates` gives the resampled statistics
+  themselves (their standard deviation is the bootstrap standard error). A sample may be a row of values
+  (e.g. one window's per-token values) when the statistic pools them (e.g. a percentile over all tokens).
 - `paired_permutation_test`: two methods scored on the same samples; the null hypothesis is that, per
   sample, the two scores are exchangeable. Randomly swapping each pair (a sign flip of the per-sample
   difference) gives the null distribution of the mean difference; p is two-sided. For perplexity the
@@ -33,6 +35,8 @@ def _exp_mean(x: np.ndarray) -> np.ndarray:
 # per-sample kind (Metric.per_sample_name) -> the statistic that turns the samples into the metric value
 STATISTICS: dict[str, Statistic] = {
     "window_mean_nll": _exp_mean,  # GPTQ-protocol perplexity = exp(mean NLL) over equal-length windows
+    "window_mean_kld": _mean,  # mean token KL vs the base model (equal-length windows: the mean over all tokens)
+    "window_top1_agree": _mean,  # share of a window's tokens whose top-1 matches the base model's
     "acc_per_example": _mean,
     "acc_norm_per_example": _mean,
 }
@@ -42,19 +46,35 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def bootstrap_ci(samples: Sequence[float], statistic: Statistic = _mean, n_boot: int = 2000,
-                 confidence: float = 0.95, seed: int = 0, chunk: int = 250) -> tuple[float, float]:
-    """Percentile bootstrap interval of `statistic(samples)`."""
+_CHUNK_BYTES = 64 << 20  # resamples drawn at once are bounded by their size, not only their count
+
+
+def bootstrap_replicates(samples, statistic: Statistic = _mean, n_boot: int = 2000, seed: int = 0,
+                         chunk: int = 250) -> np.ndarray:
+    """`statistic` of `n_boot` resamples of `samples` drawn with replacement along the first axis. Samples are
+    scalars (the statistic reduces the last axis) or rows (it reduces the last two, e.g. pooling every row)."""
     x = np.asarray(samples, dtype=np.float64)
-    if x.size < 2:
+    if x.ndim == 0 or x.shape[0] < 2:
         raise ValueError("a bootstrap interval needs at least 2 samples")
+    n = x.shape[0]
+    chunk = max(1, min(chunk, _CHUNK_BYTES // x.nbytes))
     rng, stats = _rng(seed), []
     for start in range(0, n_boot, chunk):  # chunks bound memory on 10k-example tasks
-        idx = rng.integers(0, x.size, size=(min(chunk, n_boot - start), x.size))
+        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
         stats.append(statistic(x[idx]))
-    s = np.concatenate(stats)
+    return np.concatenate(stats)
+
+
+def bootstrap_ci(samples, statistic: Statistic = _mean, n_boot: int = 2000,
+                 confidence: float = 0.95, seed: int = 0, chunk: int = 250) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(samples)`."""
+    return percentile_interval(bootstrap_replicates(samples, statistic, n_boot, seed, chunk), confidence)
+
+
+def percentile_interval(replicates: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central `confidence` share of bootstrap replicates."""
     alpha = (1.0 - confidence) / 2
-    lo, hi = np.quantile(s, [alpha, 1 - alpha])
+    lo, hi = np.quantile(replicates, [alpha, 1 - alpha])
     return float(lo), float(hi)
 
 

@@ -44,6 +44,11 @@ def _task_roots(metrics: dict) -> set[str]:
     return {k.split(".")[0] for k in metrics} - skip
 
 
+def _interval(metrics: dict, name: str) -> str:
+    lo, hi = metrics.get(f"{name}.ci95_low"), metrics.get(f"{name}.ci95_high")
+    return f" [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else ""
+
+
 def table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -63,6 +68,11 @@ def print_summary(runner: Runner, base: CellResult | None, result: CellResult) -
     kernel = result.tags.get("precision.bf16_matmul")
     print(f"model {runner.model_spec.name} | hardware {runner.backend.name} ({result.tags.get('hardware.threads', '?')} threads)"
           f" | compute {prec}{f' ({kernel})' if kernel else ''} | mlflow run {result.run_id}")
+    vs_base = [k[len("metric."):-len(".direction")] for k in result.tags
+               if k.startswith("metric.") and k.endswith(".direction") and "_vs_base." in k]
+    if vs_base:  # e.g. KL divergence from the base model, which ties in perplexity can hide
+        shown = [f"{n} {fmt(result.metrics.get(n))}{_interval(result.metrics, n)}" for n in vs_base]
+        print("against the base model: " + "; ".join(shown))
     for key, value in result.metrics.items():  # a backend with real kernels re-evaluated the task on them
         if key.endswith(".deployed"):
             name = key[:-len(".deployed")]

@@ -63,6 +63,7 @@ def test_rtn_run_records_everything_and_reuses_baseline(results_dir, tiny_llama_
     r = run_cli(*args, "method=rtn", "method.group_size=32", results=results_dir)
     assert r.returncode == 0, r.stderr
     assert "wikitext2.ppl_token.gptq_s64.first1" in r.stdout and "fake-quant" in r.stdout
+    assert "against the base model: wikitext2.kld_vs_base.gptq_s64.first1 " in r.stdout
     runs = {x.data.tags["bench.method"]: x for x in mlflow_runs(results_dir)}
     assert set(runs) == {"none", "rtn"} and all(x.info.status == "FINISHED" for x in runs.values())
     rtn = runs["rtn"]
@@ -76,6 +77,9 @@ def test_rtn_run_records_everything_and_reuses_baseline(results_dir, tiny_llama_
         assert tags.get(key), key
     assert tags["hardware.energy_source"] == "model:horowitz_isscc2014_45nm"
     assert params["method.bits"] == "4" and params["seed"] == "0"
+    assert m["wikitext2.kld_vs_base.gptq_s64.first1"] > 0
+    assert 0 <= m["wikitext2.top1_agree_vs_base.gptq_s64.first1"] <= 1
+    assert not any(".kld_" in k for k in runs["none"].data.metrics)  # the baseline is the reference
     # second method run: the baseline is reused from the store, not re-evaluated
     r = run_cli(*args, "method=sign", results=results_dir)
     assert r.returncode == 0, r.stderr

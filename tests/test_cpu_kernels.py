@@ -119,6 +119,8 @@ def test_record_has_both_accuracies_and_a_sourced_energy(store_results_dir, tiny
     fake, kernel = r.metrics[name], r.metrics[f"{name}.deployed"]
     assert kernel != fake  # re-measured on the kernels (int8 activations), not copied
     assert r.metrics[f"{name}.deployed_minus_fake_quant"] == pytest.approx(kernel - fake)
+    kld = "wikitext2.kld_vs_base.gptq_s64.first1"  # the kernels' model against the same base-model reference
+    assert r.metrics[f"{kld}.deployed"] > 0 and r.metrics[f"{kld}.deployed"] != r.metrics[kld]
     assert r.tags["bench.execution"] == "fake-quant"
     assert r.tags["bench.deployed_execution"] == r.tags["hardware.execution"] == "ort-matmulnbits-int4-b32-acc4"
     assert r.tags["hardware.matmulnbits_accuracy_level"] == "4"

@@ -77,3 +77,21 @@ def test_holm_adjustment():
 def test_mean_std_of_seeds():
     assert stats.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert stats.mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_bootstrap_of_rows_resamples_whole_rows_and_pools_them():
+    """Samples that are rows (a window's per-token values): a resample draws whole rows, and a pooled statistic
+    (the 99th percentile over all tokens) sees every token of each drawn row."""
+    rng = np.random.default_rng(6)
+    rows = rng.gamma(0.5, 0.1, size=(12, 300))
+    rows[3] *= 20  # one damaged window dominates the tail
+    p99 = lambda x: np.quantile(x.reshape(*x.shape[:-2], -1), 0.99, axis=-1)  # noqa: E731
+    reps = stats.bootstrap_replicates(rows, p99, n_boot=200, seed=7)
+    idx = np.random.default_rng(7).integers(0, 12, size=(200, 12))
+    assert reps == pytest.approx([np.quantile(rows[i].ravel(), 0.99) for i in idx])
+    lo, hi = stats.bootstrap_ci(rows, p99, n_boot=200, seed=7)
+    assert lo < np.quantile(rows, 0.99) < hi and hi / lo > 2  # with or without window 3: a wide interval
+    means = stats.bootstrap_replicates(rows.mean(axis=1), n_boot=200, seed=7)  # scalar samples, as before
+    assert means == pytest.approx(rows.mean(axis=1)[idx].mean(axis=1))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        stats.bootstrap_replicates(rows[:1], p99)
