@@ -167,6 +167,11 @@ def _main(argv: list[str]) -> None:
         from bench.leaderboard.__main__ import main as leaderboard
 
         sys.exit(leaderboard(argv[1:]))
+    if argv[:1] in (["export"], ["import"]):  # published records (bench/published.py)
+        from bench import published
+
+        sys.exit(published.run_cli(published.main_export if argv[0] == "export" else published.main_import,
+                                   argv[1:]))
     try:
         check_syntax(argv)
         check_choices(argv)

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -183,6 +184,20 @@ class Run:
             self.tag({record.ERROR: f"{type(exc).__name__}: {exc}"[:5000]})
         retry(mlflow.end_run, status)
         return False
+
+
+def artifact_text(client: MlflowClient, run, name: str) -> str | None:
+    """A run's artifact as text, None if the run has none by that name: read in place from a local store,
+    downloaded from a remote one."""
+    uri = run.info.artifact_uri
+    if uri.startswith("file:"):
+        path = Path(unquote(urlparse(uri).path)) / name
+        return path.read_text() if path.is_file() else None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            return Path(client.download_artifacts(run.info.run_id, name, d)).read_text()
+        except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing artifact
+            return None
 
 
 def find_runs(filter_tags: dict[str, str], status: str = "FINISHED") -> list:
