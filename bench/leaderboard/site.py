@@ -110,7 +110,8 @@ def build_site(results_dir: str | Path, out_dir: str | Path | None = None,
     store = tracking.tracking_uri(results_dir) if has_store else "(no local store)"
     exp_id = _experiment_id() if has_store else "0"
     n_published = sum(r.source == "published" for r in runs if r.status == "FINISHED")
-    common = {"fmt": fmt, "num": num, "mb": mb, "root": "", "store": store, "mlflow_url": mlflow_url,
+    common = {"fmt": fmt, "num": num, "mb": mb, "root": "", "store": store, "has_store": has_store,
+              "mlflow_url": mlflow_url,
               "records_dir": str(records_dir) if records_dir else "", "n_published": n_published,
               "n_local": sum(r.status == "FINISHED" for r in runs) - n_published,
               "method_slugs": {m.method: m.slug for m in method_pages},
