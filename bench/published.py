@@ -22,16 +22,21 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
 import zlib
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import yaml
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from bench import record
+from bench import record, tracking
 from bench.errors import BenchError
 
 SCHEMA = "bench.record"
@@ -232,7 +237,7 @@ def read_all(paths: list[str | Path]) -> list[tuple[Path, dict]]:
 
 
 def write(rec: dict, out_dir: Path) -> Path:
-    from bench.cache import atomic_write_bytes
+    from bench.cache import atomic_write_bytes  # here, not above: bench.cache imports torch, which reading never needs
 
     path = Path(out_dir) / file_name(rec)
     atomic_write_bytes(path, (json.dumps(rec, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
@@ -240,16 +245,12 @@ def write(rec: dict, out_dir: Path) -> Path:
 
 
 # --- MLflow side ----------------------------------------------------------------------------------------------------
-def _client(results: str):
-    from mlflow.tracking import MlflowClient
-
-    from bench import tracking
-
+def _client(results: str) -> MlflowClient:
     tracking.setup(results)
-    return MlflowClient(), tracking
+    return MlflowClient()
 
 
-def from_run(client, tracking, run, allow_dirty: bool = False) -> dict:
+def from_run(client: MlflowClient, run, allow_dirty: bool = False) -> dict:
     """The record of an MLflow run, validated; RecordError naming the run and the field otherwise."""
     where = f"of run {run.info.run_id}"
     tags = run.data.tags
@@ -272,17 +273,18 @@ def from_run(client, tracking, run, allow_dirty: bool = False) -> dict:
     return validate(rec, where)
 
 
-def find_runs(client, tracking, experiment: str, run_ids: list[str], sweep: str | None, tags: list[str],
+def find_runs(client: MlflowClient, experiment: str, run_ids: list[str], sweep: str | None, tags: list[str],
               every: bool) -> list:
     exp = tracking.retry(client.get_experiment_by_name, experiment)
     if exp is None:
-        import mlflow
-
         raise RecordError(f"no experiment '{experiment}' in the store {mlflow.get_tracking_uri()}",
                           "pass --results DIR (or MLFLOW_TRACKING_URI) of the store that holds the runs")
     if run_ids:
-        runs = [tracking.retry(client.get_run, rid) for rid in run_ids]
-        return runs
+        try:
+            return [tracking.retry(client.get_run, rid) for rid in run_ids]
+        except MlflowException as e:
+            raise BenchError(f"no such run in the store {mlflow.get_tracking_uri()}: {str(e).splitlines()[0]}",
+                             "check the run ids (python -m bench leaderboard lists them), or --results") from None
     clauses = ["attributes.status = 'FINISHED'"]
     if sweep:
         clauses.append(f"tags.`{record.SWEEP}` = '{sweep}'")
@@ -306,12 +308,12 @@ def find_runs(client, tracking, experiment: str, run_ids: list[str], sweep: str 
 def export(results: str, out_dir: str, experiment: str = "bench", run_ids: list[str] = (), sweep: str | None = None,
            tags: list[str] = (), every: bool = False, allow_dirty: bool = False) -> list[Path]:
     """Write the chosen FINISHED runs as records; none is written if any is broken (each problem is reported)."""
-    client, tracking = _client(results)
-    runs = find_runs(client, tracking, experiment, list(run_ids), sweep, list(tags), every)
+    client = _client(results)
+    runs = find_runs(client, experiment, list(run_ids), sweep, list(tags), every)
     recs, problems = [], []
     for run in runs:
         try:
-            recs.append(from_run(client, tracking, run, allow_dirty))
+            recs.append(from_run(client, run, allow_dirty))
         except RecordError as e:
             problems.append(str(e))
     if problems:
@@ -323,10 +325,8 @@ def export(results: str, out_dir: str, experiment: str = "bench", run_ids: list[
 def import_records(paths: list[str | Path], results: str) -> tuple[list[str], list[str]]:
     """Load records into the store at `results` (or MLFLOW_TRACKING_URI): (imported, already there) record ids.
     Every record is validated before any is imported."""
-    from mlflow.entities import Metric, Param
-
     found = read_all(paths)
-    client, tracking = _client(results)
+    client = _client(results)
     exp = tracking.retry(client.get_experiment_by_name, tracking.EXPERIMENT)
     imported, present = [], []
     for path, rec in found:
@@ -336,29 +336,32 @@ def import_records(paths: list[str | Path], results: str) -> tuple[list[str], li
         if tracking.find_finished({record.RECORD_ID: rid}) or any(r.info.start_time == run["start_time"] for r in same):
             present.append(rid)
             continue
-        created = tracking.retry(client.create_run, exp.experiment_id, start_time=run["start_time"], run_name=run["name"],
+        created = tracking.retry(client.create_run, exp.experiment_id, start_time=run["start_time"],
+                                 run_name=run["name"],
                                  tags={**tags, record.RECORD_ID: rid, record.RECORD_FILE: path.name})
         run_id = created.info.run_id
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), stamp, 0) for k, v in rec["metrics"].items()]
-        params = [Param(k, v) for k, v in tracking.flatten(rec["config"]).items()]
-        for i in range(0, max(len(metrics), len(params)), 100):
-            tracking.retry(client.log_batch, run_id, metrics=metrics[i:i + 100], params=params[i:i + 100])
-        tracking.retry(client.log_text, run_id, json.dumps(decoded(rec["task_metrics"]), indent=1),
-                       record.TASK_METRICS_FILE)
-        if "task_metrics_deployed" in rec:
-            tracking.retry(client.log_text, run_id, json.dumps(decoded(rec["task_metrics_deployed"]), indent=1),
-                           record.TASK_METRICS_DEPLOYED_FILE)
-        tracking.retry(client.log_text, run_id, yaml.safe_dump(rec["config"], sort_keys=False), record.CONFIG_FILE)
-        tracking.retry(client.set_terminated, run_id, "FINISHED", end_time=run["end_time"])
+        try:  # a failure half-way leaves no RUNNING run behind: it is closed FAILED, and imported again next time
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), stamp, 0) for k, v in rec["metrics"].items()]
+            params = [Param(k, v) for k, v in tracking.flatten(rec["config"]).items()]
+            for i in range(0, max(len(metrics), len(params)), 100):
+                tracking.retry(client.log_batch, run_id, metrics=metrics[i:i + 100], params=params[i:i + 100])
+            tracking.retry(client.log_text, run_id, json.dumps(decoded(rec["task_metrics"]), indent=1),
+                           record.TASK_METRICS_FILE)
+            if "task_metrics_deployed" in rec:
+                tracking.retry(client.log_text, run_id, json.dumps(decoded(rec["task_metrics_deployed"]), indent=1),
+                               record.TASK_METRICS_DEPLOYED_FILE)
+            tracking.retry(client.log_text, run_id, yaml.safe_dump(rec["config"], sort_keys=False), record.CONFIG_FILE)
+            tracking.retry(client.set_terminated, run_id, "FINISHED", end_time=run["end_time"])
+        except BaseException:
+            tracking.retry(client.set_terminated, run_id, "FAILED")
+            raise
         imported.append(rid)
     return imported, present
 
 
 # --- command lines ----------------------------------------------------------------------------------------------------
 def _results_default() -> str:
-    import os
-
     return os.environ.get("BENCH_RESULTS", "results")
 
 

@@ -104,6 +104,7 @@ TRAIN_METRICS = (TRAIN_STEPS, TRAIN_TOKENS_SEEN, TRAIN_EPOCHS, TRAIN_SECONDS, TR
                  TRAIN_VAL_LOSS_FIRST, TRAIN_VAL_LOSS_LAST)
 TRAIN_CONVERGED = "train.converged"  # "true" | "false"
 TRAIN_CRITERION = "train.criterion"  # the convergence criterion, one line
+TRAIN_VERDICT = "train.verdict"  # what the criterion found, in words
 
 # --- artifacts ------------------------------------------------------------------------------------------------------
 TASK_METRICS_FILE = "task_metrics.json"  # [{name, value, direction, unit, stderr, notes, per_sample_name, per_sample}]
@@ -140,6 +141,11 @@ def primary_metric(tags: dict[str, str], names: list[str] | None = None) -> str 
         return tagged
     averaged = [n for n in names if "_mean_of_" in n]  # runs recorded before the primary-metric tag
     return averaged[0] if averaged else sorted(names)[0]
+
+
+def method_overrides(tags: dict[str, str]) -> dict:
+    """A run's `METHOD_OVERRIDES` as {key: value}; {} for runs recorded before the tag existed."""
+    return json.loads(tags.get(METHOD_OVERRIDES) or "{}")
 
 
 # --- cell identity ------------------------------------------------------------------------------------------------

@@ -206,8 +206,3 @@ def _override_order(o: str) -> tuple[int, bool, str]:
     key = o.lstrip("+~").split("=", 1)[0]
     group = key.split(".", 1)[0]
     return (CHOICE_GROUPS.index(group) if group in CHOICE_GROUPS else len(CHOICE_GROUPS), "." in key, key)
-
-
-def method_overrides(tags: dict[str, str]) -> dict:
-    """A run's `bench.method_overrides`; {} for runs recorded before the tag existed."""
-    return json.loads(tags.get(record.METHOD_OVERRIDES) or "{}")

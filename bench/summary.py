@@ -51,9 +51,9 @@ def print_summary(base: CellResult | None, result: CellResult) -> None:
     t = result.tags
     prec = t.get(record.PRECISION, "fp32")
     kernel = t.get(f"{record.PRECISION_PREFIX}bf16_matmul")
-    print(f"model {t.get(record.MODEL)} | hardware {t.get(record.HARDWARE)} "
-          f"({t.get(record.HARDWARE_PREFIX + 'threads', '?')} threads) | compute {prec}{f' ({kernel})' if kernel else ''}"
-          f" | mlflow run {result.run_id}")
+    threads = t.get(f"{record.HARDWARE_PREFIX}threads", "?")
+    print(f"model {t.get(record.MODEL)} | hardware {t.get(record.HARDWARE)} ({threads} threads) | compute {prec}"
+          f"{f' ({kernel})' if kernel else ''} | mlflow run {result.run_id}")
     print(f"reproduce: {t.get(record.COMMAND, '-')}")
     for key, value in result.metrics.items():  # a backend with real kernels re-evaluated the task on them
         if key.endswith(record.DEPLOYED_SUFFIX):

@@ -250,7 +250,8 @@ def _train_run(method, family, steps, value, converged, commit="a" * 40, tokens_
     metrics = {"t.ppl": value, "storage.bits_per_weight.block_linears": 1.1 if steps else 2.3}
     if steps:
         tags.update({"train.converged": converged, "train.criterion": "held-out loss fell < 2% over 50-80% lr-time"})
-        metrics.update({"train.steps": steps, "train.tokens_seen": steps * tokens_per_step, "train.seconds": steps * 0.5})
+        metrics.update({"train.steps": steps, "train.tokens_seen": steps * tokens_per_step,
+                        "train.seconds": steps * 0.5})
     with tracking.Run("r", {"method": {"name": method}, "seed": 0, "budget": {"name": "b", "train_steps": steps or 0}},
                       tags) as run:
         run.metrics(metrics)
@@ -270,8 +271,9 @@ def test_quality_vs_training_budget_plot_draws_a_line_per_method_and_ptq_referen
     _train_run("billm", "binarization", None, 150.0, "")
     [page], _ = build_pages(results_dir)
     trained = {r.label: (r.train["train.tokens_seen"], r.converged) for r in page.rows if r.train}
-    assert trained == {"onebit (budget.train_steps=64)": (32768, "false"), "onebit (budget.train_steps=256)":
-                       (131072, "false"), "onebit (budget.train_steps=1024)": (524288, "true"), "dbllm": (131072, "true")}
+    assert trained == {"onebit (budget.train_steps=64)": (32768, "false"),
+                       "onebit (budget.train_steps=256)": (131072, "false"),
+                       "onebit (budget.train_steps=1024)": (524288, "true"), "dbllm": (131072, "true")}
     assert len({r.line_key for r in page.rows if r.method == "onebit"}) == 1  # one line across the budgets
     site = build_site(results_dir).parent
     ranks = {r.label: i for i, r in enumerate(page.rows, 1)}

@@ -59,7 +59,7 @@ def test_a_run_records_its_command_and_its_baseline_gets_its_own(store_results_d
     assert result.tags["bench.command"] == runs["rtn"]["bench.command"]
 
 
-# --- export, import -----------------------------------------------------------------------------------------------------
+# --- export, import ---------------------------------------------------------------------------------------------------
 def _artifact(results: Path, run, name: str):
     from urllib.parse import unquote, urlparse
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench import published, record, reproduce, stats, tracking
+from bench import published, record, stats, tracking
 
 ALPHA = 0.05
 BACKEND_ORDER = ("cpu",)  # the backend whose run supplies a row's accuracy; others follow alphabetically
@@ -309,7 +309,7 @@ def _label_rows(rows: list[Row]) -> None:
         budget_keys = {k for r in same for k in r.budget_params
                        if len({x.budget_params.get(k) for x in same}) > 1}
         for r in same:
-            changed = {k for k in reproduce.method_overrides(r.runs[0].tags) if k in r.method_params}
+            changed = {k for k in record.method_overrides(r.runs[0].tags) if k in r.method_params}
             shown = changed | within_method | (across_page & set(r.method_params))
             extra = [f"{k}={r.method_params.get(k)}" for k in sorted(shown)]
             if len({x.calib for x in same}) > 1:
