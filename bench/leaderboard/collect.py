@@ -64,6 +64,10 @@ class StoredRun:
         return self.tags.get(record.COMMAND, "")
 
     @property
+    def seed(self) -> str:
+        return self.tags.get(record.SEED, "?")
+
+    @property
     def git_commit(self) -> str:
         return self.tags.get(record.GIT_COMMIT, "")
 
@@ -120,7 +124,7 @@ class Row:
 
     @property
     def seeds(self) -> list[str]:
-        return [r.tags.get(record.SEED, "?") for r in self.runs]
+        return [r.seed for r in self.runs]
 
     @property
     def run_ids(self) -> list[str]:

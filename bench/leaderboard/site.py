@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from bench import published, stats, tracking
+from bench import published, record, stats, tracking
 from bench.leaderboard import plots
 from bench.leaderboard.collect import Page, Row, build_method_pages, build_pages, load_runs, store_exists
 from bench.record import fmt
@@ -65,7 +65,7 @@ def records(pages: list[Page]) -> list[dict]:
                    "record_files": ";".join(r.record_files), "run_ids": ";".join(r.run_ids)}
             rec.update({name: r.train.get(name) for name in sorted(r.train)})
             if r.converged:
-                rec["train.converged"] = r.converged
+                rec[record.TRAIN_CONVERGED] = r.converged
             for name in p.metrics[1:]:
                 rec[name] = r.metrics.get(name)
             for b, c in r.backends.items():
