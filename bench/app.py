@@ -17,12 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench import registry, resources
+from bench import record, registry, resources
 from bench.errors import BenchError, did_you_mean, unknown_choice
-
-# Third-party plug-in packages (entry-point group `bench.plugins`) join Hydra's config search path.
-OmegaConf.register_new_resolver(
-    "bench_plugin_searchpath", lambda: [f"pkg://{p}" for p in registry.plugin_config_packages()], replace=True)
 
 
 # Hydra flags whose value is the next word (`--cfg job`, `-cn config`): that word is not an override.
@@ -76,7 +72,6 @@ def check_overrides(argv: list[str]) -> None:
     line with the nearest option instead of Hydra's multi-line report."""
     from hydra import compose, initialize_config_module
     from hydra.errors import ConfigCompositionException
-    from omegaconf import OmegaConf as OC
 
     plain = [a for a in argv if "=" in a and not a.startswith(("-", "hydra")) and "," not in a
              and a.split("=", 1)[0].lstrip("+~") not in registry.GROUPS]
@@ -94,8 +89,8 @@ def check_overrides(argv: list[str]) -> None:
             key = text.split("Could not override '", 1)[1].split("'", 1)[0]
             parent, _, leaf = key.rpartition(".")
             cfg = compose("config", overrides=groups)
-            node = OC.select(cfg, parent) if parent else cfg
-            options = sorted(node.keys()) if OC.is_dict(node) else []
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            options = sorted(node.keys()) if OmegaConf.is_dict(node) else []
             raise BenchError(f"{parent or 'config'} has no option '{leaf}'",
                              f"{did_you_mean(leaf, options)}options: {', '.join(map(str, options))}") from None
         except Exception as e:  # override grammar errors
@@ -107,10 +102,11 @@ def check_overrides(argv: list[str]) -> None:
 def incomplete(result) -> list[str]:
     """What a finished run could not do, one line each: task parts without data, a backend that cannot run
     the packed model (its accuracy is recorded, its latency and energy are not)."""
-    lines = [f"{task}: {err}" for task, err in json.loads(result.tags.get("bench.task_failures") or "{}").items()]
-    if result.tags.get("bench.hardware_status") == "unsupported":
-        lines.append(f"hardware '{result.tags.get('bench.hardware')}' cannot run this model "
-                     f"({result.tags.get('bench.hardware_unsupported')}); accuracy is recorded, latency and energy "
+    t = result.tags
+    lines = [f"{task}: {err}" for task, err in json.loads(t.get(record.TASK_FAILURES) or "{}").items()]
+    if t.get(record.HARDWARE_STATUS) == "unsupported":
+        lines.append(f"hardware '{t.get(record.HARDWARE)}' cannot run this model "
+                     f"({t.get(record.HARDWARE_UNSUPPORTED)}); accuracy is recorded, latency and energy "
                      "are not: choose another hardware=")
     return lines
 
@@ -144,7 +140,7 @@ def _hydra_main(cfg: DictConfig):
         print(f"bench: error: {type(e).__name__}: {e} (rerun with HYDRA_FULL_ERROR=1 for the traceback)",
               file=sys.stderr)
         raise SystemExit(1)
-    print_summary(runner, base, result)
+    print_summary(base, result)
     lines = incomplete(result)
     for line in lines:
         print(f"bench: error: {line}", file=sys.stderr)
@@ -166,10 +162,16 @@ def main() -> None:
 
 
 def _main(argv: list[str]) -> None:
-    if argv[:1] == ["leaderboard"]:  # `bench leaderboard [--out DIR]`: the site builder, not a run
+    # subcommands, not runs: a Hydra override always holds '=', so a bare first word is never one
+    if argv[:1] == ["leaderboard"]:  # `bench leaderboard [--out DIR]`: the site builder
         from bench.leaderboard.__main__ import main as leaderboard
 
         sys.exit(leaderboard(argv[1:]))
+    if argv[:1] in (["export"], ["import"]):  # published records (bench/published.py)
+        from bench import published
+
+        sys.exit(published.run_cli(published.main_export if argv[0] == "export" else published.main_import,
+                                   argv[1:]))
     try:
         check_syntax(argv)
         check_choices(argv)
@@ -185,7 +187,7 @@ def _main(argv: list[str]) -> None:
         _hydra_main()
         return
     # A sweep: one id for all cells, and the MLflow store created/migrated once before any worker starts.
-    sid = os.environ.setdefault(sweep.SWEEP_ENV, sweep.new_sweep_id())
+    sid = os.environ.setdefault(record.SWEEP_ENV, sweep.new_sweep_id())
     results = resources.results_dir_from(argv)
     tracking.setup(results)
     _hydra_main()

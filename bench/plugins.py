@@ -66,6 +66,11 @@ class Method:
         packed.info["restored_from_artifact"] = True
         return self.runtime_hooks(model, packed)
 
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages the record lists (`bench.stages`); a pipeline names each of its methods."""
+        return [self.name]
+
     def code_objects(self) -> list:
         """Whose source files key the artifact cache (a pipeline adds its stages)."""
         return [self]
@@ -101,6 +106,10 @@ class Task:
     # `evaluate` takes `reference=`: the runner passes a bench.reference.Reference over that base model for every
     # compressed (or recovered) model, and None for the baseline cell itself, which is the reference.
     needs_reference: ClassVar[bool] = False
+    # set by `evaluate`, read by the runner after it: files stored with the run (e.g. a sample grid), and the
+    # parts of a multi-part task that could not run, {part: error} (recorded, never hidden)
+    artifact_files: list[str] = field(default_factory=list, init=False, repr=False)
+    failures: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def check_applicable(self, model: LoadedModel) -> None:
         if model.kind not in self.applies_to:

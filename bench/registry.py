@@ -13,12 +13,20 @@ import importlib.metadata
 from importlib import resources
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 GROUPS = ("method", "recover", "task", "model", "hardware", "calib", "budget", "sweep")
 ENTRY_POINT_GROUP = "bench.plugins"
 
 
 def plugin_config_packages() -> list[str]:
     return [ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+
+
+# Third-party plug-in packages join Hydra's config search path (configs/config.yaml: hydra.searchpath), wherever a
+# config is composed: the CLI, a sweep's worker, the reproducing-command check (bench/reproduce.py), the tests.
+OmegaConf.register_new_resolver(
+    "bench_plugin_searchpath", lambda: [f"pkg://{p}" for p in plugin_config_packages()], replace=True)
 
 
 def _names(root) -> set[str]:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -36,22 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 from bench import calib as calib_mod
 from bench import recover as recover_mod
 from bench.recover import Recovery
-from bench import models, precision, resources, sweep, tracking
+from bench import models, precision, record, resources, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
 from bench.plugins import Backend, Method, Task
+from bench.record import CellResult
 from bench.reference import Reference
+from bench.reproduce import Launch, reproduce
 from bench.training import TrainingRecord
-
-
-@dataclass
-class CellResult:
-    run_id: str
-    method: str
-    metrics: dict[str, float]
-    tags: dict[str, str]
-    timings: dict[str, float] = field(default_factory=dict)
-    reused: bool = False
 
 
 def build(node: DictConfig, group: str):
@@ -66,7 +57,7 @@ def build(node: DictConfig, group: str):
             bad = str(cause).split("'")[1]
             target = node.get("_target_", "")
             cls = _import(target)
-            valid = [f.name for f in fields(cls)] if cls else []
+            valid = [f.name for f in fields(cls) if f.init] if cls else []
             raise ConfigError(f"{group} has no option '{bad}'",
                               f"{did_you_mean(bad, valid)}options: {', '.join(valid)}") from None
         raise ConfigError(f"invalid {group} config: {cause}", f"check configs/{group}/") from None
@@ -116,9 +107,12 @@ def method_code_hash(method: Method) -> str:
 
 
 class Runner:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, launch: Launch | None = None):
+        """`launch`: how the cell was asked for (its reproducing command is derived from it); by default the running
+        Hydra job's, else inferred from the config's plug-in names."""
         check_top_level(cfg)
         self.cfg = cfg
+        self.launch = launch or Launch.from_hydra() or Launch.infer(cfg)
         self.results = cfg.paths.results
         self.data_root = cfg.paths.data_root
         self.method: Method = build(cfg.method, "method")
@@ -144,21 +138,19 @@ class Runner:
 
     def _tags(self, method: Method, cfg: dict, recover: Recovery, model: models.LoadedModel) -> dict[str, str]:
         method_cfg = cfg["method"]
-        versions = tracking.package_versions()
-        stages = getattr(method, "stage_names", [method_cfg.get("name")])
-        stages = stages + ([f"recover={recover.name}"] if recover.enabled else [])
-        tags = {"bench.method": method_cfg.get("name"), "bench.task": self.task.name,
-                "bench.recover": recover.name, "bench.stages": " > ".join(stages),
-                "bench.model": self.model_spec.name, "bench.hardware": self.backend.name,
-                "bench.calib": self.calib_spec.name, "bench.budget": self.budget.name,
-                "bench.seed": str(self.cfg.seed), "bench.config_hash": sweep.cell_hash(cfg),
-                "bench.sweep": sweep.sweep_id() or "-",
-                "bench.task_key": self._task_key(), "bench.model_weights_sha256": model.weights_sha256,
-                "bench.git_commit": tracking.git_commit(), "bench.threads": str(self.cfg.threads),
-                "bench.precision": self.cfg.precision}
-        tags.update({f"precision.{k}": v for k, v in precision.kernels(self.cfg.precision).items()})
-        tags.update({f"version.{k}": v for k, v in versions.items()})
-        tags.update({f"machine.{k}": v for k, v in tracking.machine().items()})
+        stages = method.stage_names + ([f"recover={recover.name}"] if recover.enabled else [])
+        tags = {record.METHOD: method_cfg.get("name"), record.TASK: self.task.name,
+                record.RECOVER: recover.name, record.STAGES: " > ".join(stages),
+                record.MODEL: self.model_spec.name, record.HARDWARE: self.backend.name,
+                record.CALIB: self.calib_spec.name, record.BUDGET: self.budget.name,
+                record.SEED: str(self.cfg.seed), record.CONFIG_HASH: record.cell_hash(cfg),
+                record.SWEEP: record.sweep_id() or "-",
+                record.TASK_KEY: self._task_key(), record.MODEL_WEIGHTS_SHA256: model.weights_sha256,
+                record.GIT_COMMIT: tracking.git_commit(), record.THREADS: str(self.cfg.threads),
+                record.PRECISION: self.cfg.precision}
+        tags.update({f"{record.PRECISION_PREFIX}{k}": v for k, v in precision.kernels(self.cfg.precision).items()})
+        tags.update({f"{record.VERSION_PREFIX}{k}": v for k, v in tracking.package_versions().items()})
+        tags.update({f"{record.MACHINE_PREFIX}{k}": v for k, v in tracking.machine().items()})
         return tags
 
     def _compute(self):
@@ -188,7 +180,7 @@ class Runner:
             budget.pop("val_samples", None)  # held-out samples only measure: they change nothing that is stored
             calib_id = {"spec": OmegaConf.to_container(self.cfg.calib, resolve=True), "sha256": calib.sha256,
                         "budget": budget}
-            run.tag({"bench.calib_set": calib.describe, "bench.calib_sha256": calib.sha256})
+            run.tag({record.CALIB_SET: calib.describe, record.CALIB_SHA256: calib.sha256})
         parts = [model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method)]
         if calib is not None and self.cfg.precision != precision.REFERENCE:
             # calibration and training forwards ran in this precision, so the stored result depends on it;
@@ -207,11 +199,11 @@ class Runner:
                 if "training" in metadata:  # the record of the training that built this artifact
                     packed.training = TrainingRecord.from_json(metadata["training"])
                 timings["restore_s"] = time.perf_counter() - t0
-                run.tag({"bench.cache": "hit", "bench.artifact_key": key})
+                run.tag({record.CACHE: "hit", record.ARTIFACT_KEY: key})
                 return packed, key
             except ArtifactCorrupt as e:
                 self.store.discard(key)  # rebuilt below; the corrupt file is never trusted
-                run.tag({"bench.cache_discarded": e.problem})
+                run.tag({record.CACHE_DISCARDED: e.problem})
                 print(f"bench: warning: {e.problem}; rebuilding it", file=sys.stderr)
         set_determinism(self.cfg.seed, self.cfg.threads)
         with self._compute():
@@ -232,7 +224,7 @@ class Runner:
             metadata["training"] = packed.training.to_json()
         self.store.save(key, tensors, metadata)
         timings["artifact_write_s"] = time.perf_counter() - t0
-        run.tag({"bench.cache": "miss", "bench.artifact_key": key})
+        run.tag({record.CACHE: "miss", record.ARTIFACT_KEY: key})
         return packed, key
 
     def run_cell(self, model: models.LoadedModel, method: Method, method_cfg: dict,
@@ -241,53 +233,57 @@ class Runner:
         recover = recover or Recovery()
         params = self._cell_config(method_cfg, recover)
         tags = self._tags(method, params, recover, model)
+        again = reproduce(params, self.launch if method is self.method else self.launch.for_baseline())
+        tags.update({record.COMMAND: again.command, record.COMMAND_CHECK: again.check,
+                     record.METHOD_OVERRIDES: json.dumps(again.method_overrides, sort_keys=True)})
         # scalar facts of the model as loaded (e.g. a suite-trained model's train_seconds), for the record
-        tags.update({f"model.{k}": str(v) for k, v in model.info.items() if isinstance(v, (int, float, str))})
-        tags.update({"bench.method_family": type(method).family, "bench.method_paper": type(method).paper,
-                     "bench.method_summary": _first_line(sys.modules[type(method).__module__].__doc__)})
+        tags.update({f"{record.MODEL_PREFIX}{k}": str(v) for k, v in model.info.items()
+                     if isinstance(v, (int, float, str))})
+        tags.update({record.METHOD_FAMILY: type(method).family, record.METHOD_PAPER: type(method).paper,
+                     record.METHOD_SUMMARY: _first_line(sys.modules[type(method).__module__].__doc__)})
         timings: dict[str, float] = {}
-        tracking.close_stale_runs(tags["bench.config_hash"])  # a killed earlier attempt at this cell: KILLED
+        tracking.close_stale_runs(tags[record.CONFIG_HASH])  # a killed earlier attempt at this cell: KILLED
         with tracking.Run(f"{method_cfg['name']}|{self.task.name}|{self.model_spec.name}", params, tags) as run:
             method.check_applicable(model)
             self.task.check_applicable(model)
             packed, key = self._compress_or_restore(run, model, method, method_cfg, recover, timings)
             storage = packed.storage(model)
             storage.artifact_bytes = self.store.paths(key)[0].stat().st_size
-            late_tags = {"bench.execution": packed.execution}
+            late_tags = {record.EXECUTION: packed.execution}
             metrics = storage.as_metrics()
-            metrics.update({f"method.{k}": float(v) for k, v in packed.info.items() if isinstance(v, (int, float))})
+            metrics.update({f"{record.METHOD_INFO}.{k}": float(v) for k, v in packed.info.items()
+                            if isinstance(v, (int, float))})
             if packed.training is not None:
                 metrics.update(packed.training.metrics())
                 late_tags.update(packed.training.tags())
                 self._training_artifacts(run, packed.training)
             if packed.per_layer:
-                run.json_artifact(packed.per_layer, "per_layer.json")
+                run.json_artifact(packed.per_layer, record.PER_LAYER_FILE)
             # --- evaluate ---
             t0 = time.perf_counter()
             evaluated = models.with_module(model, packed.model)
             reference = self._reference(model, method, recover)
             task_metrics = self._evaluate(evaluated, reference)
             timings["evaluate_s"] = time.perf_counter() - t0
-            for path in getattr(self.task, "artifact_files", []):  # e.g. a diffusion task's sample grid
+            for path in self.task.artifact_files:  # e.g. a diffusion task's sample grid
                 run.file_artifact(path)
             for m in task_metrics:
                 if not m.finite:
                     raise NumericalFailure(f"metric {m.name} is {m.value}", "the run is recorded as failed")
                 metrics[m.name] = m.value
                 if m.stderr is not None:
-                    metrics[f"{m.name}.stderr"] = m.stderr
+                    metrics[f"{m.name}{record.STDERR_SUFFIX}"] = m.stderr
                 if m.ci is not None:
-                    metrics[f"{m.name}.ci95_low"], metrics[f"{m.name}.ci95_high"] = m.ci
-                late_tags[f"metric.{m.name}.direction"] = m.direction
+                    metrics[m.name + record.CI95_LOW_SUFFIX], metrics[m.name + record.CI95_HIGH_SUFFIX] = m.ci
+                late_tags[record.direction_tag(m.name)] = m.direction
             if task_metrics:  # tasks list their headline metric first (ranking, plots)
-                late_tags["bench.primary_metric"] = task_metrics[0].name
-            failures = getattr(self.task, "failures", None)
-            if failures:  # part of a multi-task run could not run (e.g. missing data): said, not hidden
-                late_tags["bench.task_failures"] = json.dumps(failures)
+                late_tags[record.PRIMARY_METRIC] = task_metrics[0].name
+            if self.task.failures:  # part of a multi-task run could not run (e.g. missing data): said, not hidden
+                late_tags[record.TASK_FAILURES] = json.dumps(self.task.failures)
             run.json_artifact([{"name": m.name, "value": m.value, "direction": m.direction, "unit": m.unit,
                                 "stderr": m.stderr, "ci95": m.ci, "notes": m.notes,
                                 "per_sample_name": m.per_sample_name,
-                                "per_sample": m.per_sample} for m in task_metrics], "task_metrics.json")
+                                "per_sample": m.per_sample} for m in task_metrics], record.TASK_METRICS_FILE)
             # --- measure (on the model as the backend deploys it) ---
             t0 = time.perf_counter()
             reason = self.backend.supports(packed)
@@ -299,31 +295,31 @@ class Runner:
                     t1 = time.perf_counter()
                     metrics.update(self._evaluate_deployed(run, evaluated, packed, deployed, task_metrics,
                                                            reference))
-                    late_tags["bench.deployed_execution"] = deployed.execution
+                    late_tags[record.DEPLOYED_EXECUTION] = deployed.execution
                     timings["evaluate_deployed_s"] = time.perf_counter() - t1
                     t0 = time.perf_counter()
                 with self._compute():
                     measured = self.backend.measure(deployed, self.task.workload(evaluated, self.data_root))
                 reason = measured.unsupported
             if reason:
-                late_tags.update({"bench.hardware_status": "unsupported", "bench.hardware_unsupported": reason})
+                late_tags.update({record.HARDWARE_STATUS: "unsupported", record.HARDWARE_UNSUPPORTED: reason})
             else:
                 metrics.update(measured.metrics)
-                late_tags.update({f"hardware.{k}": v for k, v in measured.tags.items()})
+                late_tags.update({f"{record.HARDWARE_PREFIX}{k}": v for k, v in measured.tags.items()})
             timings["measure_s"] = time.perf_counter() - t0
-            metrics.update({f"time.{k}": v for k, v in timings.items()})
+            metrics.update({f"{record.TIME}.{k}": v for k, v in timings.items()})
             run.tag(late_tags)
             run.metrics(metrics)
-            run.text_artifact(OmegaConf.to_yaml(self.cfg, resolve=True), "config.yaml")
+            run.text_artifact(OmegaConf.to_yaml(params), record.CONFIG_FILE)  # the cell's config, as run
             return CellResult(run.id, method_cfg["name"], metrics, {**tags, **late_tags}, timings)
 
     @staticmethod
     def _training_artifacts(run, training: TrainingRecord) -> None:
         """train_curve.json (every stage: raw and smoothed loss, lr, terms, held-out checkpoints, verdict) and
         train_curve.png."""
-        run.text_artifact(training.to_json(), "train_curve.json")
+        run.text_artifact(training.to_json(), record.TRAIN_CURVE_FILE)
         with tempfile.TemporaryDirectory() as d:
-            run.file_artifact(str(training.plot(Path(d) / "train_curve.png")))
+            run.file_artifact(str(training.plot(Path(d) / record.TRAIN_CURVE_PLOT)))
 
     def _evaluate_deployed(self, run, evaluated: models.LoadedModel, packed, deployed, task_metrics,
                            reference: Reference | None) -> dict:
@@ -334,23 +330,22 @@ class Runner:
         out = {}
         for m in task_metrics:
             d = again.get(m.name)
-            if d is None or m.name.startswith("cost."):  # MACs/params describe the architecture, not the run
+            if d is None or m.name.startswith(f"{record.COST}."):  # MACs/params: the architecture, not the run
                 continue
             if not d.finite:
                 raise NumericalFailure(f"metric {m.name} on the deployed model ({deployed.execution}) is {d.value}",
                                        "the run is recorded as failed")
-            out[f"{m.name}.deployed"] = d.value
+            out[f"{m.name}{record.DEPLOYED_SUFFIX}"] = d.value
             out[f"{m.name}.deployed_minus_{packed.execution.replace('-', '_')}"] = d.value - m.value
         run.json_artifact([{"name": m.name, "value": m.value, "execution": deployed.execution, "unit": m.unit,
                             "per_sample_name": m.per_sample_name, "per_sample": m.per_sample}
-                           for m in again.values()], "task_metrics_deployed.json")
+                           for m in again.values()], record.TASK_METRICS_DEPLOYED_FILE)
         return out
 
     def baseline(self, model: models.LoadedModel) -> CellResult:
-        prior = tracking.find_finished({"bench.method": "none", "bench.task_key": self._task_key(),
-                                        "bench.model_weights_sha256": model.weights_sha256,
-                                        "bench.hardware": self.backend.name,
-                                        "bench.precision": self.cfg.precision})
+        prior = tracking.find_finished({record.METHOD: "none", record.TASK_KEY: self._task_key(),
+                                        record.MODEL_WEIGHTS_SHA256: model.weights_sha256,
+                                        record.HARDWARE: self.backend.name, record.PRECISION: self.cfg.precision})
         if prior:
             r = prior[0]
             return CellResult(r.info.run_id, "none", dict(r.data.metrics), dict(r.data.tags), reused=True)
@@ -374,9 +369,3 @@ class Runner:
         result = self.run_cell(model, self.method, method_cfg, self.recover)
         result.timings["model_load_s"] = load_s
         return base, result
-
-
-def fmt(v: float | None, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    return f"{v:.{digits}g}"

@@ -26,37 +26,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bench import tracking
+from bench import record, tracking
 from bench.cache import atomic_write_bytes
-
-SWEEP_ENV = "BENCH_SWEEP_ID"
+from bench.errors import BenchError
+from bench.record import SWEEP_ENV, cell_hash, cell_identity, sweep_id
+from bench.reproduce import Launch
 
 
 def new_sweep_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def sweep_id() -> str:
-    return os.environ.get(SWEEP_ENV, "")
-
-
 def status_dir(results: str, sid: str) -> Path:
     return Path(results) / "sweeps" / sid
-
-
-def cell_identity(cfg) -> dict:
-    """What defines a cell's result: everything but where files live and whether a baseline is shown."""
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    c.pop("paths", None)
-    c.pop("compare_baseline", None)
-    c.pop("hydra", None)
-    if (c.get("recover") or {}).get("name") == "none":  # no recovery stage: its unused knobs do not split cells
-        c["recover"] = {"name": "none"}
-    return c
-
-
-def cell_hash(cfg) -> str:
-    return tracking.config_hash(cell_identity(cfg))
 
 
 # Imported once by the fork server, so cells fork with them loaded. The runner imports transformers' model code
@@ -76,24 +58,25 @@ def _cell_context():
     return ctx
 
 
-def _child(container: dict, result_path: str, sid: str) -> None:
+def _child(container: dict, launch: Launch, result_path: str, sid: str) -> None:
     """Runs one cell in a fresh process and writes its outcome as JSON."""
     os.environ[SWEEP_ENV] = sid  # a forkserver started by an earlier sweep carries that sweep's environment
     cfg = OmegaConf.create(container)
     if cfg.get("cell_memory_gb"):
         limit = int(cfg.cell_memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from bench.errors import BenchError
+    # imported in the worker only (the fork server preloads it): the sweep's own process never runs a cell, and
+    # the runner's imports (torch, transformers) cost it ~10 s
     from bench.runner import Runner
 
     out: dict = {"status": "failed"}
     try:
-        runner = Runner(cfg)
+        runner = Runner(cfg, launch)
         _, result = runner.run()
-        unsupported = result.tags.get("bench.hardware_status") == "unsupported"
+        unsupported = result.tags.get(record.HARDWARE_STATUS) == "unsupported"
         out = {"status": "unsupported" if unsupported else "finished", "run_id": result.run_id,
-               "metrics": {k: v for k, v in result.metrics.items() if k.split(".")[0] not in
-                           ("time", "method", "memory", "throughput", "train")}}
+               "metrics": {k: result.metrics[k] for k in record.task_metric_names(result.tags)
+                           if k in result.metrics}}
     except BenchError as e:
         out = {"status": "failed", "error": str(e)}
     except MemoryError:
@@ -122,7 +105,7 @@ def run_cell(cfg: DictConfig, overrides: list[str]) -> dict:
     label = " ".join(overrides) or "(defaults)"
     tracking.close_stale_runs(h)
     t0 = time.time()
-    prior = tracking.find_finished({"bench.config_hash": h})
+    prior = tracking.find_finished({record.CONFIG_HASH: h})
     if prior:
         status = {"status": "skipped", "run_id": prior[0].info.run_id, "reason": "already FINISHED in the store"}
     else:
@@ -131,7 +114,8 @@ def run_cell(cfg: DictConfig, overrides: list[str]) -> dict:
         result_path = out_dir / f".{h}.result.json"
         result_path.unlink(missing_ok=True)
         container = OmegaConf.to_container(cfg, resolve=True)
-        proc = _cell_context().Process(target=_child, args=(container, str(result_path), sid), name=f"bench-cell-{h}")
+        proc = _cell_context().Process(target=_child, args=(container, Launch.from_hydra(), str(result_path), sid),
+                                       name=f"bench-cell-{h}")
         proc.start()
         timeout = cfg.get("cell_timeout_min")
         proc.join(timeout * 60 if timeout else None)
@@ -149,10 +133,10 @@ def run_cell(cfg: DictConfig, overrides: list[str]) -> dict:
             status = {"status": "failed", "error": _describe_exit(proc.exitcode)}
         if status["status"] == "failed":
             tracking.fail_open_runs(h, status["error"])
-            if not tracking.find_runs({"bench.config_hash": h, "bench.sweep": sid}, "FAILED"):
+            if not tracking.find_runs({record.CONFIG_HASH: h, record.SWEEP: sid}, "FAILED"):
                 # it failed before its run started (e.g. a bad config value): record it all the same
-                tracking.record_failure(label, cell_identity(cfg), {"bench.config_hash": h, "bench.sweep": sid,
-                                                                    "bench.cell": label}, status["error"])
+                tracking.record_failure(label, cell_identity(cfg), {record.CONFIG_HASH: h, record.SWEEP: sid,
+                                                                    record.CELL: label}, status["error"])
     status.update({"cell": label, "config_hash": h, "seconds": round(time.time() - t0, 1)})
     path = status_dir(results, sid) / f"{h}.json"
     atomic_write_bytes(path, json.dumps(status, default=str).encode())
@@ -162,19 +146,16 @@ def run_cell(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 def summary(results: str, sid: str) -> tuple[str, bool]:
-    """The sweep's table and whether any cell failed."""
-    from bench.summary import table
-
+    """The sweep's table (each cell's headline metric) and whether any cell failed."""
     rows, failed = [], False
     for p in sorted(status_dir(results, sid).glob("*.json")):
         s = json.loads(p.read_text())
         failed |= s["status"] == "failed"
-        metric = next((f"{k}={v:.4g}" for k, v in (s.get("metrics") or {}).items()
-                       if k.split(".")[0] not in ("storage", "latency", "energy")), "")
+        metric = next((f"{k}={record.fmt(v)}" for k, v in (s.get("metrics") or {}).items()), "")
         rows.append([s["status"], s["cell"], s.get("run_id", "-") or "-", metric, (s.get("error") or "")[:120]])
     counts = {k: sum(r[0] == k for r in rows) for k in ("finished", "failed", "skipped", "unsupported")}
     head = f"sweep {sid}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-    body = table(["status", "cell", "mlflow run", "metric", "error"], rows) if rows else "(no cells ran)"
+    body = record.table(["status", "cell", "mlflow run", "metric", "error"], rows) if rows else "(no cells ran)"
     return f"{head}\n{body}", failed
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -20,10 +19,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from bench import record
 from bench.errors import ResourceError
 from bench.resources import writable_dir
 
@@ -74,10 +75,6 @@ def setup(results_dir: str | Path) -> str:
             mlflow.create_experiment(EXPERIMENT, artifact_location=art.as_uri())
     retry(mlflow.set_experiment, EXPERIMENT)
     return uri
-
-
-def config_hash(cfg: dict) -> str:
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,7 +146,7 @@ class Run:
     def __enter__(self) -> Run:
         self.run = retry(mlflow.start_run, run_name=self.name)
         self.id = self.run.info.run_id
-        self.tag({**self.tags, "bench.pid": os.getpid(), "bench.host": socket.gethostname()})
+        self.tag({**self.tags, record.PID: os.getpid(), record.HOST: socket.gethostname()})
         items = list(flatten(self.params).items())
         for i in range(0, len(items), 100):
             retry(mlflow.log_params, dict(items[i:i + 100]))
@@ -184,9 +181,23 @@ class Run:
             return False
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         with contextlib.suppress(Exception):
-            self.tag({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.tag({record.ERROR: f"{type(exc).__name__}: {exc}"[:5000]})
         retry(mlflow.end_run, status)
         return False
+
+
+def artifact_text(client: MlflowClient, run, name: str) -> str | None:
+    """A run's artifact as text, None if the run has none by that name: read in place from a local store,
+    downloaded from a remote one."""
+    uri = run.info.artifact_uri
+    if uri.startswith("file:"):
+        path = Path(unquote(urlparse(uri).path)) / name
+        return path.read_text() if path.is_file() else None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            return Path(client.download_artifacts(run.info.run_id, name, d)).read_text()
+        except Exception:  # noqa: BLE001 - MLflow raises its own error types for a missing artifact
+            return None
 
 
 def find_runs(filter_tags: dict[str, str], status: str = "FINISHED") -> list:
@@ -218,10 +229,10 @@ def _pid_alive(pid: str) -> bool:
 def close_stale_runs(config_hash: str) -> int:
     """Mark RUNNING runs of this cell whose process is gone (a killed sweep) as KILLED."""
     client, n = MlflowClient(), 0
-    for r in find_runs({"bench.config_hash": config_hash}, "RUNNING"):
+    for r in find_runs({record.CONFIG_HASH: config_hash}, "RUNNING"):
         t = r.data.tags
-        if t.get("bench.host") == socket.gethostname() and not _pid_alive(t.get("bench.pid", "")):
-            retry(client.set_tag, r.info.run_id, "error", "process gone while RUNNING (sweep killed)")
+        if t.get(record.HOST) == socket.gethostname() and not _pid_alive(t.get(record.PID, "")):
+            retry(client.set_tag, r.info.run_id, record.ERROR, "process gone while RUNNING (sweep killed)")
             retry(client.set_terminated, r.info.run_id, "KILLED")
             n += 1
     return n
@@ -230,14 +241,14 @@ def close_stale_runs(config_hash: str) -> int:
 def fail_open_runs(config_hash: str, error: str) -> None:
     """A cell's worker died: close its still-RUNNING runs as FAILED with the reason."""
     client = MlflowClient()
-    for r in find_runs({"bench.config_hash": config_hash}, "RUNNING"):
-        retry(client.set_tag, r.info.run_id, "error", error[:5000])
+    for r in find_runs({record.CONFIG_HASH: config_hash}, "RUNNING"):
+        retry(client.set_tag, r.info.run_id, record.ERROR, error[:5000])
         retry(client.set_terminated, r.info.run_id, "FAILED")
 
 
 def record_failure(name: str, params: dict, tags: dict, error: str) -> str:
     """A FAILED run for a cell that failed before its own run could start (e.g. a bad config value)."""
     run = Run(name, params, tags).__enter__()
-    run.tag({"error": error[:5000]})
+    run.tag({record.ERROR: error[:5000]})
     retry(mlflow.end_run, "FAILED")
     return run.id

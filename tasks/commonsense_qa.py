@@ -126,7 +126,6 @@ class CommonsenseQA(Task):
             raise ConfigError(f"unknown QA task(s) {unknown}", f"choose from {', '.join(LOCAL)}")
         if self.batch_size <= 0:
             raise ConfigError(f"task.batch_size={self.batch_size} must be positive", "e.g. task.batch_size=8")
-        self.failures: dict[str, str] = {}
 
     def task_config(self, task: str, data_root=None) -> dict:
         rel, split, _ = LOCAL[task]

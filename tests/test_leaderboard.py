@@ -28,14 +28,15 @@ def swept(tmp_path_factory, tiny_llama_dir):
     r = run_cli(*model, "method=sign", f"method.name='{XSS}'", "task=piqa", *FAST, results=results)
     assert r.returncode == 0, r.stderr[-3000:]
     t0 = time.perf_counter()
-    r = run_cli("leaderboard", "--results", str(results), results=results)
+    r = run_cli("leaderboard", "--results", str(results), "--no-records", results=results)
     build_s = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     return results, results / "site", build_s
 
 
 def _pages(site: Path) -> dict[str, Path]:
-    return {p.name.split("__")[1]: p for p in site.glob("*__*.html")}
+    """The task pages by task (method pages, method__<name>.html, aside)."""
+    return {p.name.split("__")[1]: p for p in site.glob("*__*.html") if not p.name.startswith("method__")}
 
 
 def test_site_builds_in_seconds_with_one_page_per_task(swept):
@@ -143,7 +144,8 @@ def test_a_script_in_a_method_name_renders_as_text(swept, browser):
     html = _pages(site)["piqa"].read_text()
     assert XSS not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     page, problems = _open(browser, _pages(site)["piqa"].as_uri())
-    assert page.locator(f"#board td:has-text('{XSS}')").count() == 1  # shown literally, as text
+    assert page.locator(f"#board tbody td:nth-child(2):has-text('{XSS}')").count() == 1  # shown literally, as text
+    assert page.locator(f"#board tbody td.cmd code:has-text('{XSS}')").count() == 1  # in its command too
     assert problems == []  # no alert dialog, no console error
 
 
@@ -211,22 +213,93 @@ def test_labels_name_the_settings_that_differ_from_defaults_or_across_the_page(r
     from bench.leaderboard.collect import build_pages
 
     tracking.setup(results_dir)
-    for task, method, params, value in [("t", "gptq", {"bits": 3, "group_size": 32, "damp": 0.01}, 40.0),
-                                        ("t", "awq", {"bits": 4, "group_size": 128}, 25.0),
-                                        ("t", "awq", {"bits": 3, "group_size": 128}, 50.0),
-                                        ("t", "sign", {}, 900.0),
-                                        ("u", "gptq", {"bits": 3, "group_size": 128, "damp": 0.01}, 60.0),
-                                        ("u", "mine", {"bits": 3}, 70.0)]:
+    # overrides: what the runner records as the method's differences from configs/method/<name>.yaml; a method
+    # recorded without them (a run from before the tag) is labelled from the page alone
+    for task, method, params, value, overrides in [
+            ("t", "gptq", {"bits": 3, "group_size": 32, "damp": 0.01}, 40.0, {"bits": 3, "group_size": 32}),
+            ("t", "awq", {"bits": 4, "group_size": 128}, 25.0, {}),
+            ("t", "awq", {"bits": 3, "group_size": 128}, 50.0, {"bits": 3}),
+            ("t", "sign", {}, 900.0, {}),
+            ("u", "gptq", {"bits": 3, "group_size": 128, "damp": 0.01}, 60.0, {"bits": 3}),
+            ("u", "mine", {"bits": 3}, 70.0, None)]:
+        tags = {} if overrides is None else {"bench.method_overrides": json.dumps(overrides)}
         with tracking.Run("r", {"method": {"name": method, **params}, "seed": 0},
                           {"bench.method": method, "bench.task": task, "bench.model": "x", "bench.seed": "0",
                            "bench.hardware": "cpu", "metric.ppl.direction": "lower",
-                           "bench.primary_metric": "ppl"}) as run:
+                           "bench.primary_metric": "ppl", **tags}) as run:
             run.metrics({"ppl": value})
     pages = {p.task: p for p in build_pages(results_dir)[0]}
     # awq W4g128 is awq's shipped default, named here because the page's other rows differ; damp is gptq's
     # default everywhere; sign has none of these keys
     assert [r.label for r in pages["t"].rows] == ["awq (bits=4, group_size=128)", "gptq (bits=3, group_size=32)",
                                                   "awq (bits=3, group_size=128)", "sign"]
-    # alone on its page, gptq still names the setting it changed from configs/method/gptq.yaml (bits 4); a method
-    # without a shipped YAML names only what differs across the page
+    # alone on its page, gptq still names the setting it changed from configs/method/gptq.yaml (bits 4, as its
+    # record says); a method without recorded overrides names only what differs across the page
     assert [r.label for r in pages["u"].rows] == ["gptq (bits=3)", "mine"]
+
+
+def _train_run(method, family, steps, value, converged, commit="a" * 40, tokens_per_step=512):
+    """A run as the runner records a training method (train.* metrics, convergence tag) or, with steps=None, a
+    PTQ method (no training record)."""
+    from bench import tracking
+
+    tags = {"bench.method": method, "bench.method_family": family, "bench.task": "t", "bench.model": "x",
+            "bench.seed": "0", "bench.hardware": "cpu", "metric.t.ppl.direction": "lower",
+            "bench.primary_metric": "t.ppl", "bench.calib": "c", "bench.budget": "b", "bench.calib_sha256": "0" * 64,
+            "bench.git_commit": commit}
+    metrics = {"t.ppl": value, "storage.bits_per_weight.block_linears": 1.1 if steps else 2.3}
+    if steps:
+        tags.update({"train.converged": converged, "train.criterion": "held-out loss fell < 2% over 50-80% lr-time"})
+        metrics.update({"train.steps": steps, "train.tokens_seen": steps * tokens_per_step,
+                        "train.seconds": steps * 0.5})
+    with tracking.Run("r", {"method": {"name": method}, "seed": 0, "budget": {"name": "b", "train_steps": steps or 0}},
+                      tags) as run:
+        run.metrics(metrics)
+
+
+def test_quality_vs_training_budget_plot_draws_a_line_per_method_and_ptq_references(results_dir):
+    import re
+
+    from bench import tracking
+    from bench.leaderboard.collect import build_pages
+    from bench.leaderboard.site import build_site
+
+    tracking.setup(results_dir)
+    for steps, value, converged in [(64, 900.0, "false"), (256, 300.0, "false"), (1024, 120.0, "true")]:
+        _train_run("onebit", "binarization", steps, value, converged)
+    _train_run("dbllm", "binarization", 256, 80.0, "true")
+    _train_run("billm", "binarization", None, 150.0, "")
+    [page], _ = build_pages(results_dir)
+    trained = {r.label: (r.train["train.tokens_seen"], r.converged) for r in page.rows if r.train}
+    assert trained == {"onebit (budget.train_steps=64)": (32768, "false"),
+                       "onebit (budget.train_steps=256)": (131072, "false"),
+                       "onebit (budget.train_steps=1024)": (524288, "true"), "dbllm": (131072, "true")}
+    assert len({r.line_key for r in page.rows if r.method == "onebit"}) == 1  # one line across the budgets
+    site = build_site(results_dir).parent
+    ranks = {r.label: i for i, r in enumerate(page.rows, 1)}
+    for stem in ("train_tokens", "train_seconds"):
+        svg = (site / "plots" / f"{page.slug}__{stem}.svg").read_text()
+        assert set(re.findall(r'id="row-(\d+)"', svg)) == {str(ranks[label]) for label in trained}
+    html = (site / f"{page.slug}.html").read_text()
+    assert "quality vs training budget: training tokens seen (log)" in html
+    assert "train.converged=false" in html
+
+
+def test_a_method_page_shows_the_change_between_git_commits(results_dir):
+    from bench import tracking
+    from bench.leaderboard.collect import build_method_pages, build_pages, load_runs
+    from bench.leaderboard.site import build_site
+
+    tracking.setup(results_dir)
+    _train_run("billm", "binarization", None, 150.0, "", commit="a" * 40)
+    _train_run("billm", "binarization", None, 150.0, "", commit="a" * 40)  # a rerun at the same commit
+    _train_run("billm", "binarization", None, 180.0, "", commit="b" * 40)  # the same config, later code: worse
+    runs = load_runs(results_dir)
+    pages, _ = build_pages(results_dir, runs=runs)
+    [method] = build_method_pages(runs, pages)
+    [config] = method.configs
+    assert [(e.value, e.change, e.worse) for e in config["entries"]] == [(150.0, None, False), (150.0, None, False),
+                                                                        (180.0, 30.0, True)]
+    assert pages[0].rows[0].value == 180.0  # the page shows the newest run
+    html = (build_site(results_dir).parent / f"{method.slug}.html").read_text()
+    assert html.count('+30 <span class="mark worse">worse</span>') == 1

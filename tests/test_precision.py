@@ -59,9 +59,9 @@ def test_kernels_say_what_runs():
 def test_precision_in_config_hash_tags_and_artifact_key(store_results_dir, tiny_llama_dir, small_wikitext):
     """A bf16 cell is another cell than its fp32 twin: its own config hash, its tags say bf16, and a calibrated
     method's artifact is keyed by the precision its calibration forwards ran in; a data-free method shares one."""
-    from bench import sweep
+    from bench import record
 
-    assert sweep.cell_hash(compose("precision=bf16")) != sweep.cell_hash(compose("precision=fp32"))
+    assert record.cell_hash(compose("precision=bf16")) != record.cell_hash(compose("precision=fp32"))
     cells = {}
     for method in ("rtn", "gptq"):
         for prec in ("fp32", "bf16"):

@@ -49,7 +49,38 @@ function makeFilter(input) {
   });
 }
 
+// The clipboard API where the page is a secure context (https, localhost, file:// in Chromium); otherwise the
+// older copy command on a hidden text area.
+function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+  return new Promise((resolve, reject) => {
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.className = "offscreen";
+    document.body.appendChild(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    if (ok) resolve(); else reject(new Error("copy refused"));
+  });
+}
+
+function makeCopy(button) {
+  button.addEventListener("click", () => {
+    copyText(button.dataset.copy).then(
+      () => { button.textContent = "copied"; setTimeout(() => { button.textContent = "copy"; }, 1500); },
+      () => {
+        // no clipboard access: select the command so that Ctrl-C copies it
+        const code = button.parentElement.querySelector("code.command");
+        if (code) window.getSelection().selectAllChildren(code);
+        button.textContent = "press Ctrl-C";
+      });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("table.sortable").forEach(makeSortable);
   document.querySelectorAll("input.filter").forEach(makeFilter);
+  document.querySelectorAll("button.copy").forEach(makeCopy);
 });
