@@ -29,6 +29,7 @@ int8 x int8 -> int32) and its stored weight bytes streamed from DRAM once per pr
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from collections import Counter
@@ -38,17 +39,21 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from bench import energy, timing
 from bench.errors import ConfigError
 from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, special_weights
 from bench.plugins import Backend, Measurement, Workload
+from bench.precision import onednn_matmul_impl
 from bench.quant.integer import load_int_layer
 
 MATMULNBITS_BITS = (2, 4, 8)  # onnxruntime 1.32 refuses other widths at session creation
 MIN_BLOCK, MAX_BLOCK_2BIT = 16, 256
 ACCURACY_LEVELS = {1: "fp32", 4: "int8"}  # MatMulNBits compute type on CPU -> the arithmetic of its MACs
-INT8_KERNELS = ("torch_dynamic", "ort_matmulnbits")
+INT8_KERNELS = ("torch_dynamic", "torch_dynamic_onednn", "onednn_per_token", "ort_matmulnbits")  # per-channel int8
+LOWBIT_KERNELS = ("ort_matmulnbits", "onednn_per_token")  # every other integer grid
+PER_TOKEN_INT8 = "a8-per_token-dynamic"  # the methods' activation quantization that OnednnInt8Linear computes
 
 # integer grids whose stored tensors are stored_int_layer's (qweight, scale, qzero, bias, perm)
 _INT_FORMAT = re.compile(r"^(?:(?:gptq|awq|l4q)-)?int(\d)-(sym|asym)-(ch|g\d+)(-actorder)?$")
@@ -163,23 +168,120 @@ class MatMulNBitsLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def torch_dynamic_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bias: torch.Tensor | None) -> nn.Module:
-    """torch's dynamic int8 linear on the method's per-channel codes: qint8 = code - 128, zero point shifted
-    alike (0 for the symmetric grid, whose centre code is 128). torch 2.13 warns that creating quantized
-    tensors is deprecated (pytorch#184982); the kernel itself is unchanged and runs."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+class TorchDynamicInt8Linear(DynamicLinear):
+    """torch's dynamic int8 linear with fp32 in and out: the kernel takes fp32 only, and under precision=bf16 its
+    inputs arrive in bf16."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(torch.float32)).to(x.dtype)
+
+
+def torch_dynamic_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bias: torch.Tensor | None, engine: str | None = None) -> nn.Module:
+    """torch's dynamic int8 linear on the method's per-channel codes: qint8 = code - 128, zero point shifted
+    alike (0 for the symmetric grid, whose centre code is 128), prepacked for `engine` (default: torch's current
+    quantized engine; 'x86' runs fbgemm's kernels, 'onednn' oneDNN's, which accepts only zero points 0). It
+    quantizes the activations per tensor at run time. torch 2.13 warns that creating quantized tensors is
+    deprecated (pytorch#184982); the kernel is unchanged and runs."""
     n, k = codes.shape
     zp = torch.zeros(n, dtype=torch.long) if zero is None else zero.reshape(n).to(torch.long) - 128
     q = torch._make_per_channel_quantized_tensor((codes.to(torch.int16) - 128).to(torch.int8),
                                                  scale.reshape(n).to(torch.float64), zp, 0)
-    lin = DynamicLinear(k, n, bias_=bias is not None, dtype=torch.qint8)
-    lin.set_weight_bias(q, None if bias is None else bias.detach().to(torch.float32))
+    engine = engine or torch.backends.quantized.engine
+    previous, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
+    try:  # the weight is prepacked for the engine current now; the forward then runs that engine's kernel
+        lin = TorchDynamicInt8Linear(k, n, bias_=bias is not None, dtype=torch.qint8)
+        lin.set_weight_bias(q, None if bias is None else bias.detach().to(torch.float32))
+    finally:
+        torch.backends.quantized.engine = previous
     lin.weight_bytes = n * k + scale.numel() * 2 + (0 if zero is None else zero.numel())  # as stored: 8 bits + fp16
-    lin.label = f"torch-dynamic-int8-{torch.backends.quantized.engine}"
+    lin.label = f"torch-dynamic-int8-{engine}" + (f"-{isa_word(onednn_int8_isa())}" if engine == "onednn" else "")
     lin.mac_kind = "int8"
     return lin
+
+
+@functools.cache
+def onednn_int8_isa() -> str:
+    """The implementation oneDNN runs torch's int8 matmul with here, e.g. 'brg_matmul:avx10_1_512_amx' (AMX-INT8
+    tiles) or 'brg_matmul:avx512_core_vnni' (AVX512-VNNI), read from oneDNN's verbose log."""
+    w = torch.ops.onednn.qlinear_prepack(torch.ones(32, 64, dtype=torch.int8), None)
+    x = torch.ones(16, 64, dtype=torch.int8)
+    return onednn_matmul_impl(lambda: _qlinear(x, w, torch.ones(32)))
+
+
+def isa_word(impl: str) -> str:
+    """A short name for the ISA in a oneDNN implementation string: amx, vnni, or its own ISA part."""
+    isa = impl.split(":")[-1]
+    return "amx" if "amx" in isa else "vnni" if "vnni" in isa else isa
+
+
+_ONE, _ZERO = torch.tensor(1.0), torch.tensor(0, dtype=torch.int32)
+
+
+def _qlinear(q: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, accumulate: torch.Tensor | None = None):
+    """oneDNN's int8 x int8 -> int32 matmul, times the per-output-channel weight scale, in fp32; with
+    `accumulate`, added to it in place (oneDNN's sum post-op). Weight zero points must be handled by the caller:
+    oneDNN's qlinear ignores them."""
+    zp = torch.zeros(w_scale.numel(), dtype=torch.long)
+    if accumulate is None:
+        return torch.ops.onednn.qlinear_pointwise.tensor(q, _ONE, _ZERO, packed, w_scale, zp, None, 1.0, 0,
+                                                         torch.float32, "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise.binary_tensor(q, _ONE, _ZERO, packed, w_scale, zp, accumulate, None,
+                                                            1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+
+
+def quantize_per_token(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp32 scales of (rows, k) activations, per row (token), symmetric: the function of
+    bench.quant.activation's per-token 8-bit fake-quant (absmax / 127, round half to even, clamp to int8)."""
+    scale = a.abs().amax(dim=1, keepdim=True).div_(127).clamp_(min=1e-8)
+    return (a / scale).round_().clamp_(-128, 127).to(torch.int8), scale
+
+
+class OnednnInt8Linear(nn.Module):
+    """y = x W^T (+ bias) on oneDNN's int8 matmul through torch (`onednn::qlinear_pointwise`; AMX-INT8 tiles where
+    the CPU has them): activations quantized per token to int8 (`quantize_per_token`), weights the method's own
+    codes centred to int8 (code - 2^(bits-1)), so any grid of <= 8 bits runs as int8 x int8 -> int32. A grid in
+    groups runs one matmul per group of columns, each scaled by its group's scales and summed in fp32 in place;
+    a stored zero point other than the centre is subtracted exactly as zero x (the token's code sum in the
+    group), since oneDNN's qlinear ignores weight zero points. The integer sums are exact, so on the method's
+    per-token int8 activations this is the fake-quant layer's function to float rounding."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 group: int | None, perm: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        n, k = codes.shape
+        g = k if group is None else group
+        centre = 1 << (bits - 1)
+        w = (codes.to(torch.int16) - centre).to(torch.int8)
+        s = scale.to(torch.float32).reshape(n, -1)
+        self.groups = [(a, min(a + g, k)) for a in range(0, k, g)]
+        self.packed = [torch.ops.onednn.qlinear_prepack(w[:, a:b].contiguous(), None) for a, b in self.groups]
+        self.w_scale = [s[:, i].contiguous() for i in range(len(self.groups))]
+        # (groups, n): the weight of a zero-point shift away from the centre, per output channel
+        self.zero_shift = None if zero is None else ((zero.to(torch.float32).reshape(n, -1) - centre) * s).T.contiguous()
+        self.in_features, self.out_features = k, n
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+        self.weight_bytes = n * k + scale.numel() * 2 + (0 if zero is None else zero.numel())  # int8 + fp16 scales
+        grid = "ch" if group is None else f"g{group}"
+        self.label = f"torch-int8-onednn-{isa_word(onednn_int8_isa())}-int{bits}-{grid}-a8-per_token"
+        self.mac_kind = "int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.perm is not None:  # act-order: groups run along the stored column order
+            a = a.index_select(1, self.perm)
+        q, sx = quantize_per_token(a)
+        y = None
+        for (lo, hi), packed, w_scale in zip(self.groups, self.packed, self.w_scale):
+            y = _qlinear(q[:, lo:hi], packed, w_scale, y)
+        if self.zero_shift is not None:
+            code_sums = torch.stack([q[:, lo:hi].sum(1, dtype=torch.int32) for lo, hi in self.groups], 1)
+            y.addmm_(code_sums.to(torch.float32), self.zero_shift, alpha=-1)
+        y.mul_(sx)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 @dataclass
@@ -190,7 +292,8 @@ class CpuKernelsBackend(Backend):
     min_reps: int = 3
     min_seconds: float = 2.0
     accuracy_level: int = 4  # MatMulNBits compute: 1 = fp32 (fake-quant's function), 4 = int8 activations
-    int8_kernel: str = "torch_dynamic"  # for per-channel int8 grids; grouped int8 always runs MatMulNBits
+    int8_kernel: str = "torch_dynamic"  # for per-channel int8 grids
+    lowbit_kernel: str = "ort_matmulnbits"  # for the other integer grids (2..8 bits in groups, 2..7 per channel)
     capabilities: ClassVar[dict] = {
         "weight_formats": ["int2/int4/int8 in groups of 2^k >= 16 (2-bit <= 256) or per channel: onnxruntime "
                            "MatMulNBits", "int8 per channel: torch dynamic quantized linear (fbgemm/x86)",
@@ -211,6 +314,9 @@ class CpuKernelsBackend(Backend):
         if self.int8_kernel not in INT8_KERNELS:
             raise ConfigError(f"hardware.int8_kernel='{self.int8_kernel}' is unknown",
                               f"use one of: {', '.join(INT8_KERNELS)}")
+        if self.lowbit_kernel not in LOWBIT_KERNELS:
+            raise ConfigError(f"hardware.lowbit_kernel='{self.lowbit_kernel}' is unknown",
+                              f"use one of: {', '.join(LOWBIT_KERNELS)}")
 
     # -- what can run ------------------------------------------------------------------------------------
     def _plan(self, packed: Packed, name: str) -> tuple[str, IntGrid | None, int | None, str | None]:
@@ -222,19 +328,28 @@ class CpuKernelsBackend(Backend):
         weights, *extras = label.split("+")  # "+...": activation quantization, then recovery adapters
         kind = special_weights(weights)
         reason = _NO_KERNEL[kind].format(weights) if kind else None
-        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
-        if not reason and act:
-            reason = (f"activation quantization (+{act[0]}): the kernels here take fp32 activations (MatMulNBits "
-                      "quantizes them per block, torch int8 per tensor), not as the method does")
-        if not reason and extras:
-            reason = f"recovery adapters (+{extras[0]}): no kernel path for the adapter branch here"
         grid = parse_int_format(weights)
+        kernel = None if grid is None else (self.int8_kernel if grid.bits == 8 and grid.group is None
+                                            else self.lowbit_kernel)
+        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
+        # the methods' per-token int8 activations are what OnednnInt8Linear computes; nothing else is
+        if not reason and act and not (act == [PER_TOKEN_INT8] and kernel == "onednn_per_token"):
+            hint = (f"; hardware.{'int8' if grid.bits == 8 and grid.group is None else 'lowbit'}_kernel="
+                    "onednn_per_token runs them as the method does" if act == [PER_TOKEN_INT8] and grid else "")
+            reason = (f"activation quantization (+{act[0]}): the kernels here take fp32 activations (MatMulNBits "
+                      f"quantizes them per block, torch dynamic int8 per tensor), not as the method does{hint}")
+        recovery = [e for e in extras if e not in act]
+        if not reason and recovery:
+            reason = f"recovery adapters (+{recovery[0]}): no kernel path for the adapter branch here"
         if not reason and grid is None:
             reason = f"layer format '{label}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
         if reason:
             return "", None, None, reason
-        if grid.bits == 8 and grid.group is None and self.int8_kernel == "torch_dynamic":
-            return "torch_dynamic", grid, None, None
+        if kernel == "torch_dynamic_onednn" and not grid.symmetric:
+            return "", None, None, ("asymmetric int8 weights: torch's oneDNN dynamic linear takes only zero points 0; "
+                                    "hardware.int8_kernel=onednn_per_token or torch_dynamic runs them")
+        if kernel in ("torch_dynamic", "torch_dynamic_onednn", "onednn_per_token"):
+            return kernel, grid, None, None
         if grid.bits not in MATMULNBITS_BITS:
             return "", None, None, (f"{grid.bits}-bit weights: onnxruntime's MatMulNBits runs only "
                                     f"{', '.join(map(str, MATMULNBITS_BITS))}-bit codes")
@@ -266,12 +381,16 @@ class CpuKernelsBackend(Backend):
             n, k = lin.weight.shape
             codes, zero = load_int_layer(stored, grid.bits, (n, k))
             bias = lin.bias
-            if kind == "torch_dynamic":
-                kernels[id(lin)] = torch_dynamic_int8(codes, stored["scale"], zero, bias)
+            if kind in ("torch_dynamic", "torch_dynamic_onednn"):
+                engine = "onednn" if kind == "torch_dynamic_onednn" else None
+                kernels[id(lin)] = torch_dynamic_int8(codes, stored["scale"], zero, bias, engine)
                 continue
             perm = stored["perm"].to(torch.long) if "perm" in stored and grid.group is not None else None
             if perm is not None:  # the kernel's groups are consecutive columns: run the columns in stored order
                 codes = codes[:, perm]
+            if kind == "onednn_per_token":
+                kernels[id(lin)] = OnednnInt8Linear(codes, stored["scale"], zero, grid.bits, grid.group, perm, bias)
+                continue
             kernels[id(lin)] = MatMulNBitsLinear(codes, stored["scale"], zero, grid.bits, block, perm, bias,
                                                  self.accuracy_level, self.threads)
         # a copy of the model in which each compressed linear *is* its kernel module (deepcopy's memo)
@@ -319,6 +438,9 @@ class CpuKernelsBackend(Backend):
             tags.update({"onnxruntime_version": onnxruntime.__version__,
                          "matmulnbits_accuracy_level": str(self.accuracy_level),
                          "matmulnbits_compute": ACCURACY_LEVELS[self.accuracy_level]})
-        if any(not isinstance(k, MatMulNBitsLinear) for k in kernels):
-            tags["torch_quantized_engine"] = torch.backends.quantized.engine
+        dynamic = sorted({k.label for k in kernels if isinstance(k, TorchDynamicInt8Linear)})
+        if dynamic:
+            tags["torch_quantized_engine"] = ",".join(label.split("-")[3] for label in dynamic)
+        if any(isinstance(k, OnednnInt8Linear) or k.label.startswith("torch-dynamic-int8-onednn") for k in kernels):
+            tags["onednn_int8_matmul"] = onednn_int8_isa()  # oneDNN's implementation, e.g. brg_matmul:..._amx
         return tags
