@@ -63,7 +63,7 @@ def test_matmulnbits_int8_compute_is_close(tiny_llama):
 def test_torch_dynamic_int8_is_the_fake_quant_layer_on_per_tensor_quantized_inputs(tiny_llama):
     """int8 per channel on fbgemm: the method's weights exactly, the input quantized per tensor to uint8 with
     reduce_range (7 bits) at run time; its error against the fake-quant layer is small."""
-    packed, deployed = _deployed(tiny_llama, RTN(bits=8, group_size=-1))
+    packed, deployed = _deployed(tiny_llama, RTN(bits=8, group_size=-1), int8_kernel="torch_dynamic")
     x = torch.randn(6, 128)
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     scale = (hi - lo) / 127
@@ -81,8 +81,9 @@ def test_torch_dynamic_int8_is_the_fake_quant_layer_on_per_tensor_quantized_inpu
     (MagnitudePruning(pattern="2:4"), "sparse weights (magnitude-2:4-fp16): no sparse kernel"),
     (RTN(bits=3, group_size=32), "3-bit weights: onnxruntime's MatMulNBits runs only 2, 4, 8-bit codes"),
     (RTN(bits=4, group_size=48), "group size 48: MatMulNBits blocks must be a power of two >= 16"),
-    (RTN(bits=4, group_size=32, act_bits=8), "activation quantization (+a8-per_token-dynamic)"),
-], ids=["sign", "2:4", "w3", "g48", "w4a8"])
+    (RTN(bits=4, group_size=32, act_bits=4), "activation quantization (+a4-per_token-dynamic): the kernels here "
+                                             "compute int8 activations only"),
+], ids=["sign", "2:4", "w3", "g48", "w4a4"])
 def test_what_has_no_kernel_is_unsupported_with_its_reason(tiny_llama, method, reason):
     packed = method.compress(models.clone(tiny_llama), None, Budget(name="t"))
     assert CpuKernelsBackend(threads=1).supports(packed).startswith(reason)
@@ -142,18 +143,20 @@ ONEDNN = dict(int8_kernel="onednn_per_token", lowbit_kernel="onednn_per_token")
 
 @pytest.mark.parametrize("method", [RTN(bits=8, group_size=-1, symmetric=True, act_bits=8),
                                     RTN(bits=8, group_size=-1, act_bits=8),
+                                    RTN(bits=8, group_size=-1, act_bits=8, act_granularity="per_tensor"),
                                     RTN(bits=4, group_size=32, act_bits=8),
                                     RTN(bits=3, group_size=-1, act_bits=8),
                                     GPTQ(bits=4, group_size=32, act_order=True, act_bits=8)],
-                         ids=lambda m: m.fmt() + "-a8")
+                         ids=lambda m: f"{m.fmt()}-a8-{m.act_granularity}")
 def test_onednn_int8_layer_equals_the_w8a8_fake_quant_layer(tiny_llama, method):
-    """The method's per-token int8 activations and its codes as int8 x int8 -> int32 on oneDNN: the fake-quant layer
-    (act-quant hook included) to float rounding, for symmetric and asymmetric grids, groups and act-order."""
+    """The method's int8 activations (per token or per tensor) and its codes as int8 x int8 -> int32 on oneDNN: the
+    fake-quant layer (act-quant hook included) to float rounding, for symmetric and asymmetric grids, groups and
+    act-order; by default, whatever kernel the backend picks for weight-only grids."""
     from bench.hardware.cpu_kernels import OnednnInt8Linear
 
     calib = random_calib() if method.needs_calibration else None
-    packed, deployed = _deployed(tiny_llama, method, calib, **ONEDNN)
-    assert all(f.endswith("+a8-per_token-dynamic") for f in packed.layer_format.values())
+    packed, deployed = _deployed(tiny_llama, method, calib)
+    assert all(f.endswith(f"+a8-{method.act_granularity}-dynamic") for f in packed.layer_format.values())
     x = torch.randn(2, 5, 256)
     with torch.inference_mode():
         for name, fake, kernel in _layer_pairs(packed, deployed):
@@ -161,7 +164,7 @@ def test_onednn_int8_layer_equals_the_w8a8_fake_quant_layer(tiny_llama, method):
             xi = x[..., :fake.in_features]
             assert _rel(kernel(xi), fake(xi)) < 1e-5, name
     assert deployed.execution.startswith("torch-int8-onednn-")
-    assert deployed.execution.endswith("-a8-per_token")
+    assert deployed.execution.endswith(f"-a8-{method.act_granularity}")
 
 
 def test_onednn_int8_execution_names_the_kernel_and_isa(tiny_llama):
@@ -203,17 +206,14 @@ def test_torch_dynamic_kernels_take_bf16_inputs(tiny_llama):
         assert _rel(y.float(), fake(x)) < 6e-2  # per-tensor uint8 activations and a bf16 output
 
 
-@pytest.mark.parametrize("backend,reason", [
-    ({}, "activation quantization (+a8-per_token-dynamic): the kernels here take fp32 activations"),
-    (dict(int8_kernel="ort_matmulnbits"), "activation quantization (+a8-per_token-dynamic)"),
-    (dict(lowbit_kernel="onednn_per_token"), "activation quantization (+a8-per_token-dynamic)"),
-])
-def test_w8a8_runs_only_on_the_per_token_int8_kernel(tiny_llama, backend, reason):
+@pytest.mark.parametrize("backend", [{}, dict(int8_kernel="ort_matmulnbits"), dict(int8_kernel="torch_dynamic")])
+def test_w8a8_runs_on_the_int8_kernel_whatever_the_weight_only_choice(tiny_llama, backend):
+    """The methods' int8 activations have one kernel that computes them as the method does: the choice of kernel
+    for weight-only grids does not apply to them."""
     packed = RTN(bits=8, group_size=-1, act_bits=8).compress(models.clone(tiny_llama), None, Budget(name="t"))
-    got = CpuKernelsBackend(threads=1, **backend).supports(packed)
-    assert got.startswith(reason)
-    assert got.endswith("hardware.int8_kernel=onednn_per_token runs them as the method does")
-    assert CpuKernelsBackend(threads=1, int8_kernel="onednn_per_token").supports(packed) is None
+    be = CpuKernelsBackend(threads=1, **backend)
+    assert be.supports(packed) is None
+    assert be.deploy(packed).execution.endswith("-int8-ch-a8-per_token")
 
 
 def test_onednn_dynamic_refuses_asymmetric_int8(tiny_llama):
@@ -229,10 +229,16 @@ def test_w8a8_record_deployed_accuracy_is_the_fake_quant_accuracy(store_results_
     from bench.hardware.cpu_kernels import onednn_int8_isa
 
     r = run_tiny(store_results_dir, tiny_byte_llama_dir, small_wikitext, "method=rtn", "method.bits=8",
-                 "method.group_size=-1", "method.act_bits=8", "hardware=cpu_kernels",
-                 "hardware.int8_kernel=onednn_per_token")
+                 "method.group_size=-1", "method.act_bits=8", "hardware=cpu_kernels")
     name = "wikitext2.ppl_token.gptq_s64.first1"
     assert r.metrics[f"{name}.deployed"] == pytest.approx(r.metrics[name], rel=1e-4)
     assert r.tags["hardware.execution"].startswith("torch-int8-onednn-")
     assert r.tags["hardware.execution"].endswith("-int8-ch-a8-per_token")
     assert r.tags["hardware.onednn_int8_matmul"] == onednn_int8_isa()
+
+
+def test_unknown_kernel_option_is_one_line():
+    from bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hardware.lowbit_kernel='amx' is unknown"):
+        CpuKernelsBackend(lowbit_kernel="amx")
