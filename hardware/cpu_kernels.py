@@ -255,8 +255,10 @@ def _qlinear(q: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, accum
 def quantize_int8(a: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes and fp32 scales of (rows, k) activations, symmetric, per row (token) or per tensor: the function
     of bench.quant.activation's 8-bit fake-quant (absmax / 127, round half to even, clamp to int8)."""
-    amax = a.abs().amax(dim=1, keepdim=True) if granularity == "per_token" else a.abs().amax()
-    scale = amax.div_(127).clamp_(min=1e-8)
+    amax = a.abs().amax(dim=1, keepdim=True) if granularity == "per_token" else a.abs().amax().reshape(1, 1)
+    scale = amax.to(torch.float32).div_(127).clamp_(min=1e-8)
+    # a bf16 input (precision=bf16) is promoted to fp32 by the division, the fake-quant's float(x) / scale (the
+    # scale has dimensions: a 0-dim fp32 tensor would not promote a bf16 one)
     return (a / scale).round_().clamp_(-128, 127).to(torch.int8), scale
 
 
@@ -295,7 +297,7 @@ class OnednnInt8Linear(nn.Module):
         self.mac_kind = "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = x.reshape(-1, self.in_features).to(torch.float32)
+        a = x.reshape(-1, self.in_features)  # bf16 stays bf16 until the division: one pass less
         if self.perm is not None:  # act-order: groups run along the stored column order
             a = a.index_select(1, self.perm)
         q, sx = quantize_int8(a, self.granularity)

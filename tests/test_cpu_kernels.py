@@ -192,6 +192,19 @@ def test_onednn_int8_on_weight_only_codes_is_the_layer_on_per_token_quantized_in
     assert deployed.execution == f"torch-int8-onednn-{deployed.execution.split('-')[3]}-int4-g32-a8-per_token"
 
 
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_onednn_int8_quantizes_bf16_inputs_as_their_fp32_values(tiny_llama, granularity):
+    """Under precision=bf16 a linear's input may be bf16: the same int8 codes and scales as for its fp32 values."""
+    method = RTN(bits=8, group_size=-1, act_bits=8, act_granularity=granularity)
+    packed, deployed = _deployed(tiny_llama, method)
+    x = (torch.randn(6, 128) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        _, _, kernel = next(_layer_pairs(packed, deployed))
+        y = kernel(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, kernel(x.float()).to(torch.bfloat16))
+
+
 def test_torch_dynamic_kernels_take_bf16_inputs(tiny_llama):
     """Under precision=bf16 a linear's input may be bf16; the dynamic int8 kernels take fp32 only."""
     from bench import precision
