@@ -98,7 +98,8 @@ def onednn_isa(dtype: torch.dtype = torch.bfloat16) -> str:
 
 
 def onednn_matmul_impl(run) -> str:
-    """The implementation of the last matmul oneDNN executes while `run()` runs, read from its verbose log."""
+    """The implementation of the last matmul (or gemm API call) oneDNN executes while `run()` runs, read from its
+    verbose log."""
     if not torch.backends.mkldnn.is_available():
         return "onednn unavailable"
     out = b""
@@ -119,8 +120,8 @@ def onednn_matmul_impl(run) -> str:
     impl = "not oneDNN (torch's own kernel)"
     for line in out.decode(errors="replace").splitlines():
         parts = line.split(",")
-        if len(parts) > 6 and parts[2] == "primitive" and parts[3] == "exec" and parts[5] == "matmul":
-            impl = parts[6]
+        if len(parts) > 6 and parts[2] == "primitive" and parts[3] == "exec" and parts[5] in ("matmul", "gemm_api"):
+            impl = parts[6] or parts[5]  # oneDNN's gemm API (torch._int_mm) names no implementation
     return impl
 
 
