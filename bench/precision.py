@@ -93,9 +93,15 @@ def cpu_flags() -> set[str]:
 def onednn_isa(dtype: torch.dtype = torch.bfloat16) -> str:
     """The implementation oneDNN picks for a small matmul in `dtype` (e.g. 'brg_matmul:avx512_core_amx' where
     AMX runs it, 'brg_matmul:avx512_core_bf16' on AVX512-BF16 without AMX), read from its verbose log."""
+    x = torch.randn(64, 64, dtype=dtype)
+    return onednn_matmul_impl(lambda: torch.nn.functional.linear(x, x))
+
+
+def onednn_matmul_impl(run) -> str:
+    """The implementation of the last matmul (or gemm API call) oneDNN executes while `run()` runs, read from its
+    verbose log."""
     if not torch.backends.mkldnn.is_available():
         return "onednn unavailable"
-    x = torch.randn(64, 64, dtype=dtype)
     out = b""
     with tempfile.TemporaryFile() as f:
         import sys
@@ -105,17 +111,18 @@ def onednn_isa(dtype: torch.dtype = torch.bfloat16) -> str:
         os.dup2(f.fileno(), 1)
         try:
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                torch.nn.functional.linear(x, x)
+                run()
         finally:
             os.dup2(saved, 1)
             os.close(saved)
         f.seek(0)
         out = f.read()
+    impl = "not oneDNN (torch's own kernel)"
     for line in out.decode(errors="replace").splitlines():
         parts = line.split(",")
-        if len(parts) > 6 and parts[2] == "primitive" and parts[3] == "exec" and parts[5] == "matmul":
-            return parts[6]
-    return "not oneDNN (torch's own kernel)"
+        if len(parts) > 6 and parts[2] == "primitive" and parts[3] == "exec" and parts[5] in ("matmul", "gemm_api"):
+            impl = parts[6] or parts[5]  # oneDNN's gemm API (torch._int_mm) names no implementation
+    return impl
 
 
 def kernels(precision: str) -> dict[str, str]:

@@ -3,22 +3,42 @@ and re-evaluated on them.
 
 What runs. Each compressed linear is replaced by a module that calls a kernel on the method's own stored
 integer codes, scales and zero points (read from the artifact's tensors, never re-quantized here):
-- int2/int4/int8 weights in groups: onnxruntime's `MatMulNBits` contrib op (one single-node ONNX graph per
-  layer, CPU execution provider). `accuracy_level` is set explicitly and recorded: 1 computes in fp32 on the
-  dequantized weights, the fake-quant model's function to float rounding; 4 quantizes the activations to
-  int8 per block and runs MLAS's int8 GEMM, the fast path. A per-channel grid is one block of the next power
-  of two >= the layer width (zero-padded); GPTQ's act-order runs the input columns in the stored order.
-- int8 per output channel: torch's dynamic quantized linear (`quantized::linear_dynamic`, fbgemm/x86
-  engine), the method's codes as per-channel qint8 with their zero points; it quantizes the activations
-  per tensor at run time (uint8, reduce_range), so its accuracy differs slightly from fake-quant.
-Everything else (attention, norms, embeddings, head) stays torch fp32. The task is evaluated again on this
-model, so the record carries both accuracies and their difference (see `Backend.deploy`).
+- the methods' int8 activations (`act_bits=8`, per token or per tensor, on any int2..int8 grid): oneDNN's
+  int8 matmul through torch (`onednn::qlinear_pointwise`, `OnednnInt8Linear`; AMX-INT8 tiles on this
+  Sapphire-Rapids-class CPU, as oneDNN's verbose log reports): the activations quantized exactly as the
+  method's fake-quant does, the codes centred to int8, int32 sums, so the deployed layer is the fake-quant
+  layer to float rounding. These W8A8 / W4A8 formats run on it whatever the options below say.
+- int8 weights per output channel (`int8_kernel`): by default the same oneDNN kernel with the activations
+  quantized per token (`onednn_per_token`); or torch's dynamic quantized linear (`quantized::linear_dynamic`)
+  on the fbgemm/x86 engine (`torch_dynamic`, VNNI) or the oneDNN engine (`torch_dynamic_onednn`, AMX,
+  symmetric grids only), both quantizing the activations per tensor at run time; or MatMulNBits.
+- every other integer grid (`lowbit_kernel`): by default onnxruntime's `MatMulNBits` contrib op (one
+  single-node ONNX graph per layer, CPU execution provider; MLAS's AVX512-VNNI kernels here).
+  `accuracy_level` is set explicitly and recorded: 1 computes in fp32 on the dequantized weights, the
+  fake-quant model's function to float rounding; 4 quantizes the activations to int8 per block (of at most
+  256 columns) and runs MLAS's int8 GEMM, the fast path. A per-channel grid is one block of the next power of
+  two >= the layer width (zero-padded); GPTQ's act-order runs the input columns in the stored order. Or
+  `onednn_per_token`: one oneDNN int8 matmul per group, any width 2..8 (held as int8 at run time).
+Everything else (attention, norms, embeddings, head) stays torch, in the run's precision. The task is
+evaluated again on this model, so the record carries both accuracies and their difference (see
+`Backend.deploy`); the execution string names each kernel (e.g. torch-int8-onednn-amx-int8-ch-a8-per_token,
+ort-matmulnbits-int4-b128-acc4) and `onednn_int8_matmul` records oneDNN's implementation where it runs.
+
+Why these defaults (benchmarks/int8_units.py, default model, 1 thread on a shared core, CPU time): on the
+block linears at 2048 tokens, oneDNN int8 per token runs 1.98x torch fp32 (0.56x bf16 autocast: quantizing
+the activations and scaling the fp32 output are memory-bound passes the int8 MACs do not shorten), MatMulNBits
+int8 acc4 1.00x, torch dynamic x86 1.99x, torch dynamic onednn 4.16x (1.17x bf16). But activations quantized
+per tensor ruin this model: WikiText-2 ppl (2 windows) W8 per-channel fake-quant 18.92, oneDNN per token
+19.59, MatMulNBits acc4 19.22, torch dynamic onednn 51.08, torch dynamic x86 53.52. So per-channel int8 runs
+the fastest kernel that keeps the accuracy, oneDNN per token; 2/4-bit grids stay on MatMulNBits, which holds
+4-bit weights in memory (decode) and is as fast as the grouped oneDNN path at prefill.
 
 Capabilities (onnxruntime 1.32, torch 2.13): MatMulNBits accepts bits 2, 4 and 8 only ("additional bits
-support is planned"), blocks a power of two >= 16, and 2-bit blocks <= 256. A packed model needing anything
-else is `unsupported` with the reason: 3/5/6/7-bit codes, other group sizes, binary or ternary weights,
-float weight formats, pruned (sparse) weights, activation quantization, recovery adapters, convolutions. A
-dense (uncompressed) model runs in torch fp32, as on `cpu`.
+support is planned"), blocks a power of two >= 16, and 2-bit blocks <= 256; oneDNN's int8 path accepts any
+integer grid of 2..8 bits. A packed model needing anything else is `unsupported` with the reason: 3/5/6/7-bit
+codes or other group sizes on MatMulNBits, binary or ternary weights, float weight formats, pruned (sparse)
+weights, activation quantization other than int8, recovery adapters, convolutions. A dense (uncompressed)
+model runs in torch, as on `cpu`.
 
 Protocol: as `cpu` (bench/timing.py): warm-up, repetitions until min_reps and min_seconds, p50/p90/CV of the
 prefill and of decode per token; torch and onnxruntime threads both set to `threads` and recorded. Energy:
@@ -29,6 +49,7 @@ int8 x int8 -> int32) and its stored weight bytes streamed from DRAM once per pr
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 from collections import Counter
@@ -38,17 +59,22 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from bench import energy, timing
 from bench.errors import ConfigError
 from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, special_weights
 from bench.plugins import Backend, Measurement, Workload
+from bench.precision import onednn_matmul_impl
 from bench.quant.integer import load_int_layer
 
 MATMULNBITS_BITS = (2, 4, 8)  # onnxruntime 1.32 refuses other widths at session creation
 MIN_BLOCK, MAX_BLOCK_2BIT = 16, 256
 ACCURACY_LEVELS = {1: "fp32", 4: "int8"}  # MatMulNBits compute type on CPU -> the arithmetic of its MACs
-INT8_KERNELS = ("torch_dynamic", "ort_matmulnbits")
+INT8_KERNELS = ("torch_dynamic", "torch_dynamic_onednn", "onednn_per_token", "ort_matmulnbits")  # per-channel int8
+LOWBIT_KERNELS = ("ort_matmulnbits", "onednn_per_token")  # every other integer grid
+# the methods' activation quantizations (bench.quant.activation) that OnednnInt8Linear computes as they do
+INT8_ACTIVATIONS = {"a8-per_token-dynamic": "per_token", "a8-per_tensor-dynamic": "per_tensor"}
 
 # integer grids whose stored tensors are stored_int_layer's (qweight, scale, qzero, bias, perm)
 _INT_FORMAT = re.compile(r"^(?:(?:gptq|awq|l4q)-)?int(\d)-(sym|asym)-(ch|g\d+)(-actorder)?$")
@@ -163,23 +189,131 @@ class MatMulNBitsLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def torch_dynamic_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bias: torch.Tensor | None) -> nn.Module:
-    """torch's dynamic int8 linear on the method's per-channel codes: qint8 = code - 128, zero point shifted
-    alike (0 for the symmetric grid, whose centre code is 128). torch 2.13 warns that creating quantized
-    tensors is deprecated (pytorch#184982); the kernel itself is unchanged and runs."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+class TorchDynamicInt8Linear(DynamicLinear):
+    """torch's dynamic int8 linear with fp32 in and out: the kernel takes fp32 only, and under precision=bf16 its
+    inputs arrive in bf16."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(torch.float32)).to(x.dtype)
+
+
+def torch_dynamic_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bias: torch.Tensor | None, engine: str | None = None) -> nn.Module:
+    """torch's dynamic int8 linear on the method's per-channel codes: qint8 = code - 128, zero point shifted
+    alike (0 for the symmetric grid, whose centre code is 128), prepacked for `engine` (default: torch's current
+    quantized engine; 'x86' runs fbgemm's kernels, 'onednn' oneDNN's, which accepts only zero points 0). It
+    quantizes the activations per tensor at run time. torch 2.13 warns that creating quantized tensors is
+    deprecated (pytorch#184982); the kernel is unchanged and runs."""
     n, k = codes.shape
     zp = torch.zeros(n, dtype=torch.long) if zero is None else zero.reshape(n).to(torch.long) - 128
     q = torch._make_per_channel_quantized_tensor((codes.to(torch.int16) - 128).to(torch.int8),
                                                  scale.reshape(n).to(torch.float64), zp, 0)
-    lin = DynamicLinear(k, n, bias_=bias is not None, dtype=torch.qint8)
-    lin.set_weight_bias(q, None if bias is None else bias.detach().to(torch.float32))
+    engine = engine or torch.backends.quantized.engine
+    previous, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
+    try:  # the weight is prepacked for the engine current now; the forward then runs that engine's kernel
+        lin = TorchDynamicInt8Linear(k, n, bias_=bias is not None, dtype=torch.qint8)
+        lin.set_weight_bias(q, None if bias is None else bias.detach().to(torch.float32))
+    finally:
+        torch.backends.quantized.engine = previous
     lin.weight_bytes = n * k + scale.numel() * 2 + (0 if zero is None else zero.numel())  # as stored: 8 bits + fp16
-    lin.label = f"torch-dynamic-int8-{torch.backends.quantized.engine}"
+    lin.label = f"torch-dynamic-int8-{engine}" + (f"-{isa_word(onednn_int8_isa())}" if engine == "onednn" else "")
     lin.mac_kind = "int8"
     return lin
+
+
+@functools.cache
+def onednn_int8_isa() -> str:
+    """The implementation oneDNN runs torch's int8 matmul with here, e.g. 'brg_matmul:avx10_1_512_amx' (AMX-INT8
+    tiles) or 'brg_matmul:avx512_core_vnni' (AVX512-VNNI), read from oneDNN's verbose log."""
+    w = torch.ops.onednn.qlinear_prepack(torch.ones(32, 64, dtype=torch.int8), None)
+    x = torch.ones(16, 64, dtype=torch.int8)
+    return onednn_matmul_impl(lambda: _qlinear(x, w, torch.ones(32)))
+
+
+def isa_word(impl: str) -> str:
+    """A short name for the ISA in a oneDNN implementation string: amx, vnni, or its own ISA part."""
+    isa = impl.split(":")[-1]
+    return "amx" if "amx" in isa else "vnni" if "vnni" in isa else isa
+
+
+_ONE, _ZERO = torch.tensor(1.0), torch.tensor(0, dtype=torch.int32)
+
+
+def _qlinear(q: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, accumulate: torch.Tensor | None = None,
+             x_scale: torch.Tensor = _ONE):
+    """oneDNN's int8 x int8 -> int32 matmul, times the (per-tensor) activation scale and the per-output-channel
+    weight scale, in fp32; with `accumulate`, added to it in place (oneDNN's sum post-op). Weight zero points
+    must be handled by the caller: oneDNN's qlinear ignores them."""
+    zp = torch.zeros(w_scale.numel(), dtype=torch.long)
+    if accumulate is None:
+        return torch.ops.onednn.qlinear_pointwise.tensor(q, x_scale, _ZERO, packed, w_scale, zp, None, 1.0, 0,
+                                                         torch.float32, "none", [], "")
+    return torch.ops.onednn.qlinear_pointwise.binary_tensor(q, x_scale, _ZERO, packed, w_scale, zp, accumulate, None,
+                                                            1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+
+
+def quantize_int8(a: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp32 scales of (rows, k) activations, symmetric, per row (token) or per tensor: the function
+    of bench.quant.activation's 8-bit fake-quant (absmax / 127, round half to even, clamp to int8)."""
+    amax = a.abs().amax(dim=1, keepdim=True) if granularity == "per_token" else a.abs().amax().reshape(1, 1)
+    scale = amax.to(torch.float32).div_(127).clamp_(min=1e-8)
+    # a bf16 input (precision=bf16) is promoted to fp32 by the division, the fake-quant's float(x) / scale (the
+    # scale has dimensions: a 0-dim fp32 tensor would not promote a bf16 one)
+    return (a / scale).round_().clamp_(-128, 127).to(torch.int8), scale
+
+
+class OnednnInt8Linear(nn.Module):
+    """y = x W^T (+ bias) on oneDNN's int8 matmul through torch (`onednn::qlinear_pointwise`; AMX-INT8 tiles where
+    the CPU has them): activations quantized to int8 per token or per tensor (`quantize_int8`), weights the
+    method's own codes centred to int8 (code - 2^(bits-1)), so any grid of <= 8 bits runs as int8 x int8 -> int32.
+    A grid in groups runs one matmul per group of columns, each scaled by its group's scales and summed in fp32 in
+    place; a stored zero point other than the centre is subtracted exactly as zero x (the token's code sum in the
+    group), since oneDNN's qlinear ignores weight zero points. A per-tensor activation scale is applied inside
+    the matmul, a per-token one after it (oneDNN's qlinear takes one activation scale). The integer sums are
+    exact, so on the method's own int8 activations this is the fake-quant layer's function to float rounding."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                 group: int | None, perm: torch.Tensor | None, bias: torch.Tensor | None,
+                 granularity: str = "per_token"):
+        super().__init__()
+        n, k = codes.shape
+        g = k if group is None else group
+        centre = 1 << (bits - 1)
+        w = (codes.to(torch.int16) - centre).to(torch.int8)
+        s = scale.to(torch.float32).reshape(n, -1)
+        self.granularity = granularity
+        self.groups = [(a, min(a + g, k)) for a in range(0, k, g)]
+        self.packed = [torch.ops.onednn.qlinear_prepack(w[:, a:b].contiguous(), None) for a, b in self.groups]
+        self.w_scale = [s[:, i].contiguous() for i in range(len(self.groups))]
+        # (groups, n): the weight of a zero-point shift away from the centre, per output channel
+        self.zero_shift = (None if zero is None
+                           else ((zero.to(torch.float32).reshape(n, -1) - centre) * s).T.contiguous())
+        self.in_features, self.out_features = k, n
+        self.register_buffer("perm", perm)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+        self.weight_bytes = n * k + scale.numel() * 2 + (0 if zero is None else zero.numel())  # int8 + fp16 scales
+        grid = "ch" if group is None else f"g{group}"
+        self.label = f"torch-int8-onednn-{isa_word(onednn_int8_isa())}-int{bits}-{grid}-a8-{granularity}"
+        self.mac_kind = "int8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.reshape(-1, self.in_features)  # bf16 stays bf16 until the division: one pass less
+        if self.perm is not None:  # act-order: groups run along the stored column order
+            a = a.index_select(1, self.perm)
+        q, sx = quantize_int8(a, self.granularity)
+        per_token = self.granularity == "per_token"
+        x_scale = _ONE if per_token else sx
+        y = None
+        for (lo, hi), packed, w_scale in zip(self.groups, self.packed, self.w_scale):
+            y = _qlinear(q[:, lo:hi], packed, w_scale, y, x_scale)
+        if self.zero_shift is not None:
+            code_sums = torch.stack([q[:, lo:hi].sum(1, dtype=torch.int32) for lo, hi in self.groups], 1)
+            y.addmm_(code_sums.to(torch.float32), self.zero_shift, alpha=-1 if per_token else -float(sx))
+        if per_token:
+            y.mul_(sx)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 @dataclass
@@ -190,18 +324,22 @@ class CpuKernelsBackend(Backend):
     min_reps: int = 3
     min_seconds: float = 2.0
     accuracy_level: int = 4  # MatMulNBits compute: 1 = fp32 (fake-quant's function), 4 = int8 activations
-    int8_kernel: str = "torch_dynamic"  # for per-channel int8 grids; grouped int8 always runs MatMulNBits
+    int8_kernel: str = "onednn_per_token"  # weight-only int8 per channel: see INT8_KERNELS
+    lowbit_kernel: str = "ort_matmulnbits"  # the other weight-only integer grids: see LOWBIT_KERNELS
     capabilities: ClassVar[dict] = {
-        "weight_formats": ["int2/int4/int8 in groups of 2^k >= 16 (2-bit <= 256) or per channel: onnxruntime "
-                           "MatMulNBits", "int8 per channel: torch dynamic quantized linear (fbgemm/x86)",
-                           "fp32 (uncompressed models, torch)"],
-        "activation_formats": ["fp32 (MatMulNBits accuracy_level=1)", "int8 per block, dynamic (accuracy_level=4)",
-                               "uint8 per tensor, dynamic (torch int8 path)"],
-        "low_bit_kernels": ["onnxruntime MatMulNBits (2/4/8-bit)", "torch quantized::linear_dynamic (int8)"],
-        "binary_ops": False, "sparsity": [], "float_formats": [], "method_activation_quantization": False,
+        "weight_formats": ["int2..int8 grids, per channel or in groups: oneDNN int8 matmul (torch), codes as int8",
+                           "int2/int4/int8 in groups of 2^k >= 16 (2-bit <= 256) or per channel: onnxruntime "
+                           "MatMulNBits", "int8 per channel: torch dynamic quantized linear (fbgemm/x86 or onednn)",
+                           "uncompressed (torch, as on cpu)"],
+        "activation_formats": ["int8 per token or per tensor, as the method quantizes them (oneDNN int8)",
+                               "int8 per token, dynamic (oneDNN int8 on weight-only grids)",
+                               "fp32 (MatMulNBits accuracy_level=1)", "int8 per block, dynamic (accuracy_level=4)",
+                               "uint8 per tensor, dynamic (torch dynamic int8)"],
+        "low_bit_kernels": ["oneDNN int8 matmul via onednn::qlinear_pointwise (AMX-INT8 or VNNI, as oneDNN picks)",
+                            "onnxruntime MatMulNBits (2/4/8-bit, MLAS)", "torch quantized::linear_dynamic (int8)"],
+        "binary_ops": False, "sparsity": [], "float_formats": [], "method_activation_quantization": ["int8"],
         "layers": ["nn.Linear of causal LMs"],
     }
-
     def __post_init__(self):
         if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0:
             raise ConfigError("hardware threads/min_reps must be positive", "e.g. hardware.threads=2")
@@ -211,6 +349,9 @@ class CpuKernelsBackend(Backend):
         if self.int8_kernel not in INT8_KERNELS:
             raise ConfigError(f"hardware.int8_kernel='{self.int8_kernel}' is unknown",
                               f"use one of: {', '.join(INT8_KERNELS)}")
+        if self.lowbit_kernel not in LOWBIT_KERNELS:
+            raise ConfigError(f"hardware.lowbit_kernel='{self.lowbit_kernel}' is unknown",
+                              f"use one of: {', '.join(LOWBIT_KERNELS)}")
 
     # -- what can run ------------------------------------------------------------------------------------
     def _plan(self, packed: Packed, name: str) -> tuple[str, IntGrid | None, int | None, str | None]:
@@ -222,19 +363,31 @@ class CpuKernelsBackend(Backend):
         weights, *extras = label.split("+")  # "+...": activation quantization, then recovery adapters
         kind = special_weights(weights)
         reason = _NO_KERNEL[kind].format(weights) if kind else None
-        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
-        if not reason and act:
-            reason = (f"activation quantization (+{act[0]}): the kernels here take fp32 activations (MatMulNBits "
-                      "quantizes them per block, torch int8 per tensor), not as the method does")
-        if not reason and extras:
-            reason = f"recovery adapters (+{extras[0]}): no kernel path for the adapter branch here"
         grid = parse_int_format(weights)
+        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
+        if not reason and act and not (len(act) == 1 and act[0] in INT8_ACTIVATIONS):
+            reason = (f"activation quantization (+{act[0]}): the kernels here compute int8 activations only, per "
+                      "token or per tensor (the methods' act_bits=8)")
+        if not reason and act and grid is None:
+            reason = (f"activation quantization (+{act[0]}) on '{weights}': the int8 kernel runs it only on the "
+                      "integer grids it reads (int2..int8, e.g. int8-sym-ch)")
+        recovery = [e for e in extras if e not in act]
+        if not reason and recovery:
+            reason = f"recovery adapters (+{recovery[0]}): no kernel path for the adapter branch here"
         if not reason and grid is None:
             reason = f"layer format '{label}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
         if reason:
             return "", None, None, reason
-        if grid.bits == 8 and grid.group is None and self.int8_kernel == "torch_dynamic":
-            return "torch_dynamic", grid, None, None
+        if act:  # the method's own int8 activations: the one kernel that computes them as the method does
+            return "onednn", grid, None, None
+        kernel = self.int8_kernel if grid.bits == 8 and grid.group is None else self.lowbit_kernel
+        if kernel == "torch_dynamic_onednn" and not grid.symmetric:
+            return "", None, None, ("asymmetric int8 weights: torch's oneDNN dynamic linear takes only zero points 0; "
+                                    "hardware.int8_kernel=onednn_per_token or torch_dynamic runs them")
+        if kernel in ("torch_dynamic", "torch_dynamic_onednn"):
+            return kernel, grid, None, None
+        if kernel == "onednn_per_token":
+            return "onednn", grid, None, None
         if grid.bits not in MATMULNBITS_BITS:
             return "", None, None, (f"{grid.bits}-bit weights: onnxruntime's MatMulNBits runs only "
                                     f"{', '.join(map(str, MATMULNBITS_BITS))}-bit codes")
@@ -266,12 +419,18 @@ class CpuKernelsBackend(Backend):
             n, k = lin.weight.shape
             codes, zero = load_int_layer(stored, grid.bits, (n, k))
             bias = lin.bias
-            if kind == "torch_dynamic":
-                kernels[id(lin)] = torch_dynamic_int8(codes, stored["scale"], zero, bias)
+            if kind in ("torch_dynamic", "torch_dynamic_onednn"):
+                engine = "onednn" if kind == "torch_dynamic_onednn" else None
+                kernels[id(lin)] = torch_dynamic_int8(codes, stored["scale"], zero, bias, engine)
                 continue
             perm = stored["perm"].to(torch.long) if "perm" in stored and grid.group is not None else None
             if perm is not None:  # the kernel's groups are consecutive columns: run the columns in stored order
                 codes = codes[:, perm]
+            if kind == "onednn":  # the method's int8 activations if it has them, else per token
+                act = [INT8_ACTIVATIONS[e] for e in packed.layer_format[name].split("+")[1:] if e in INT8_ACTIVATIONS]
+                kernels[id(lin)] = OnednnInt8Linear(codes, stored["scale"], zero, grid.bits, grid.group, perm, bias,
+                                                    act[0] if act else "per_token")
+                continue
             kernels[id(lin)] = MatMulNBitsLinear(codes, stored["scale"], zero, grid.bits, block, perm, bias,
                                                  self.accuracy_level, self.threads)
         # a copy of the model in which each compressed linear *is* its kernel module (deepcopy's memo)
@@ -319,6 +478,9 @@ class CpuKernelsBackend(Backend):
             tags.update({"onnxruntime_version": onnxruntime.__version__,
                          "matmulnbits_accuracy_level": str(self.accuracy_level),
                          "matmulnbits_compute": ACCURACY_LEVELS[self.accuracy_level]})
-        if any(not isinstance(k, MatMulNBitsLinear) for k in kernels):
-            tags["torch_quantized_engine"] = torch.backends.quantized.engine
+        dynamic = sorted({k.label for k in kernels if isinstance(k, TorchDynamicInt8Linear)})
+        if dynamic:
+            tags["torch_quantized_engine"] = ",".join(label.split("-")[3] for label in dynamic)
+        if any(isinstance(k, OnednnInt8Linear) or k.label.startswith("torch-dynamic-int8-onednn") for k in kernels):
+            tags["onednn_int8_matmul"] = onednn_int8_isa()  # oneDNN's implementation, e.g. brg_matmul:..._amx
         return tags

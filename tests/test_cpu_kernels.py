@@ -63,7 +63,7 @@ def test_matmulnbits_int8_compute_is_close(tiny_llama):
 def test_torch_dynamic_int8_is_the_fake_quant_layer_on_per_tensor_quantized_inputs(tiny_llama):
     """int8 per channel on fbgemm: the method's weights exactly, the input quantized per tensor to uint8 with
     reduce_range (7 bits) at run time; its error against the fake-quant layer is small."""
-    packed, deployed = _deployed(tiny_llama, RTN(bits=8, group_size=-1))
+    packed, deployed = _deployed(tiny_llama, RTN(bits=8, group_size=-1), int8_kernel="torch_dynamic")
     x = torch.randn(6, 128)
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     scale = (hi - lo) / 127
@@ -81,8 +81,9 @@ def test_torch_dynamic_int8_is_the_fake_quant_layer_on_per_tensor_quantized_inpu
     (MagnitudePruning(pattern="2:4"), "sparse weights (magnitude-2:4-fp16): no sparse kernel"),
     (RTN(bits=3, group_size=32), "3-bit weights: onnxruntime's MatMulNBits runs only 2, 4, 8-bit codes"),
     (RTN(bits=4, group_size=48), "group size 48: MatMulNBits blocks must be a power of two >= 16"),
-    (RTN(bits=4, group_size=32, act_bits=8), "activation quantization (+a8-per_token-dynamic)"),
-], ids=["sign", "2:4", "w3", "g48", "w4a8"])
+    (RTN(bits=4, group_size=32, act_bits=4), "activation quantization (+a4-per_token-dynamic): the kernels here "
+                                             "compute int8 activations only"),
+], ids=["sign", "2:4", "w3", "g48", "w4a4"])
 def test_what_has_no_kernel_is_unsupported_with_its_reason(tiny_llama, method, reason):
     packed = method.compress(models.clone(tiny_llama), None, Budget(name="t"))
     assert CpuKernelsBackend(threads=1).supports(packed).startswith(reason)
@@ -136,3 +137,123 @@ def test_unsupported_cell_records_accuracy_and_the_reason(store_results_dir, tin
     assert r.tags["bench.hardware_unsupported"].startswith("binary weights")
     assert "wikitext2.ppl_token.gptq_s64.first1" in r.metrics
     assert not any(k.startswith(("latency.", "energy.")) or k.endswith(".deployed") for k in r.metrics)
+
+
+# -- oneDNN int8 (AMX-INT8 where the CPU has it): per-token int8 activations, the methods' W8A8 / W4A8 ---------------
+ONEDNN = dict(int8_kernel="onednn_per_token", lowbit_kernel="onednn_per_token")
+
+
+@pytest.mark.parametrize("method", [RTN(bits=8, group_size=-1, symmetric=True, act_bits=8),
+                                    RTN(bits=8, group_size=-1, act_bits=8),
+                                    RTN(bits=8, group_size=-1, act_bits=8, act_granularity="per_tensor"),
+                                    RTN(bits=4, group_size=32, act_bits=8),
+                                    RTN(bits=3, group_size=-1, act_bits=8),
+                                    GPTQ(bits=4, group_size=32, act_order=True, act_bits=8)],
+                         ids=lambda m: f"{m.fmt()}-a8-{m.act_granularity}")
+def test_onednn_int8_layer_equals_the_w8a8_fake_quant_layer(tiny_llama, method):
+    """The method's int8 activations (per token or per tensor) and its codes as int8 x int8 -> int32 on oneDNN: the
+    fake-quant layer (act-quant hook included) to float rounding, for symmetric and asymmetric grids, groups and
+    act-order; by default, whatever kernel the backend picks for weight-only grids."""
+    from bench.hardware.cpu_kernels import OnednnInt8Linear
+
+    calib = random_calib() if method.needs_calibration else None
+    packed, deployed = _deployed(tiny_llama, method, calib)
+    assert all(f.endswith(f"+a8-{method.act_granularity}-dynamic") for f in packed.layer_format.values())
+    x = torch.randn(2, 5, 256)
+    with torch.inference_mode():
+        for name, fake, kernel in _layer_pairs(packed, deployed):
+            assert isinstance(kernel, OnednnInt8Linear)
+            xi = x[..., :fake.in_features]
+            assert _rel(kernel(xi), fake(xi)) < 1e-5, name
+    assert deployed.execution.startswith("torch-int8-onednn-")
+    assert deployed.execution.endswith(f"-a8-{method.act_granularity}")
+
+
+def test_onednn_int8_execution_names_the_kernel_and_isa(tiny_llama):
+    from bench import precision
+    from bench.hardware.cpu_kernels import isa_word, onednn_int8_isa
+
+    impl = onednn_int8_isa()
+    assert impl.startswith("brg_matmul:") or "gemm" in impl  # oneDNN's own implementation name, from its log
+    if "amx_int8" in precision.cpu_flags():  # AMX tiles run int8 here, as oneDNN's verbose log says
+        assert impl.endswith("amx") and isa_word(impl) == "amx"
+    _, deployed = _deployed(tiny_llama, RTN(bits=8, group_size=-1, symmetric=True), **ONEDNN)
+    assert deployed.execution == f"torch-int8-onednn-{isa_word(impl)}-int8-ch-a8-per_token"
+
+
+def test_onednn_int8_on_weight_only_codes_is_the_layer_on_per_token_quantized_inputs(tiny_llama):
+    """A weight-only grid on the int8 kernel: the method's weights exactly, the input quantized per token."""
+    from bench.quant.activation import ActQuantSpec, fake_quant_activations
+
+    packed, deployed = _deployed(tiny_llama, RTN(bits=4, group_size=32), **ONEDNN)
+    x = torch.randn(6, 128)
+    with torch.inference_mode():
+        name, fake, kernel = next(_layer_pairs(packed, deployed))
+        assert _rel(kernel(x), fake(fake_quant_activations(x, ActQuantSpec(8)))) < 1e-5
+        assert 0 < _rel(kernel(x), fake(x)) < 2e-2
+    assert deployed.execution == f"torch-int8-onednn-{deployed.execution.split('-')[3]}-int4-g32-a8-per_token"
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_onednn_int8_quantizes_bf16_inputs_as_their_fp32_values(tiny_llama, granularity):
+    """Under precision=bf16 a linear's input may be bf16: the same int8 codes and scales as for its fp32 values."""
+    method = RTN(bits=8, group_size=-1, act_bits=8, act_granularity=granularity)
+    packed, deployed = _deployed(tiny_llama, method)
+    x = (torch.randn(6, 128) * 3).to(torch.bfloat16)
+    with torch.inference_mode():
+        _, _, kernel = next(_layer_pairs(packed, deployed))
+        y = kernel(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, kernel(x.float()).to(torch.bfloat16))
+
+
+def test_torch_dynamic_kernels_take_bf16_inputs(tiny_llama):
+    """Under precision=bf16 a linear's input may be bf16; the dynamic int8 kernels take fp32 only."""
+    from bench import precision
+
+    for kernel in ("torch_dynamic", "torch_dynamic_onednn"):
+        packed, deployed = _deployed(tiny_llama, RTN(bits=8, group_size=-1, symmetric=True), int8_kernel=kernel)
+        x = torch.randn(6, 128)
+        with torch.inference_mode(), precision.compute("bf16"):
+            name, fake, lin = next(_layer_pairs(packed, deployed))
+            y = lin(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        assert _rel(y.float(), fake(x)) < 6e-2  # per-tensor uint8 activations and a bf16 output
+
+
+@pytest.mark.parametrize("backend", [{}, dict(int8_kernel="ort_matmulnbits"), dict(int8_kernel="torch_dynamic")])
+def test_w8a8_runs_on_the_int8_kernel_whatever_the_weight_only_choice(tiny_llama, backend):
+    """The methods' int8 activations have one kernel that computes them as the method does: the choice of kernel
+    for weight-only grids does not apply to them."""
+    packed = RTN(bits=8, group_size=-1, act_bits=8).compress(models.clone(tiny_llama), None, Budget(name="t"))
+    be = CpuKernelsBackend(threads=1, **backend)
+    assert be.supports(packed) is None
+    assert be.deploy(packed).execution.endswith("-int8-ch-a8-per_token")
+
+
+def test_onednn_dynamic_refuses_asymmetric_int8(tiny_llama):
+    packed = RTN(bits=8, group_size=-1).compress(models.clone(tiny_llama), None, Budget(name="t"))
+    assert CpuKernelsBackend(threads=1, int8_kernel="torch_dynamic_onednn").supports(packed).startswith(
+        "asymmetric int8 weights: torch's oneDNN dynamic linear takes only zero points 0")
+
+
+def test_w8a8_record_deployed_accuracy_is_the_fake_quant_accuracy(store_results_dir, tiny_byte_llama_dir,
+                                                                   small_wikitext):
+    """The methods' W8A8 deployed on the per-token int8 kernel computes the fake-quant model's function: the
+    re-measured perplexity equals the fake-quant one to float rounding, and the record names kernel and ISA."""
+    from bench.hardware.cpu_kernels import onednn_int8_isa
+
+    r = run_tiny(store_results_dir, tiny_byte_llama_dir, small_wikitext, "method=rtn", "method.bits=8",
+                 "method.group_size=-1", "method.act_bits=8", "hardware=cpu_kernels")
+    name = "wikitext2.ppl_token.gptq_s64.first1"
+    assert r.metrics[f"{name}.deployed"] == pytest.approx(r.metrics[name], rel=1e-4)
+    assert r.tags["hardware.execution"].startswith("torch-int8-onednn-")
+    assert r.tags["hardware.execution"].endswith("-int8-ch-a8-per_token")
+    assert r.tags["hardware.onednn_int8_matmul"] == onednn_int8_isa()
+
+
+def test_unknown_kernel_option_is_one_line():
+    from bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hardware.lowbit_kernel='amx' is unknown"):
+        CpuKernelsBackend(lowbit_kernel="amx")
