@@ -27,8 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.methods.rtn import RTN
-from bench.methods.smoothquant import scale_norm_
+from bench.compress.rtn import RTNBase, scale_norm_
 from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import quantize_rtn, resolve_group_size
@@ -75,7 +74,7 @@ def _output_error(consumer: nn.Module, linears: list[nn.Module], x: torch.Tensor
 
 
 @dataclass
-class AWQ(RTN):
+class AWQ(RTNBase):
     name: str = "awq"
     clip: bool = True
     family: ClassVar[str] = "quantization"

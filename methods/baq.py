@@ -29,8 +29,8 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.hessian import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
 from bench.errors import ConfigError, check_range
-from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32

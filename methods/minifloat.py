@@ -19,8 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.static_ptq import CLIP_GRID, StaticPTQBase
 from bench.errors import ConfigError
-from bench.methods.static_ptq import CLIP_GRID, StaticPTQ
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FORMATS, FloatFormat, decode_float, encode_float, round_to_format
@@ -56,7 +56,7 @@ def _scaled_search(x: torch.Tensor, amax: torch.Tensor, fmt: FloatFormat, dim: i
 
 
 @dataclass
-class Minifloat(StaticPTQ):
+class Minifloat(StaticPTQBase):
     name: str = "minifloat"
     w_format: str = "e4m3"
     a_format: str | None = "e4m3"

@@ -22,8 +22,8 @@ from typing import ClassVar
 import torch
 
 from bench import diffusion
+from bench.compress.static_ptq import SAMPLES_PER_BATCH, StaticPTQBase, act_range, fake_quant_static
 from bench.errors import check_range
-from bench.methods.static_ptq import SAMPLES_PER_BATCH, StaticPTQ, act_range, fake_quant_static
 
 
 def shortcut_splits(unet) -> dict[str, int]:
@@ -41,7 +41,7 @@ def shortcut_splits(unet) -> dict[str, int]:
 
 
 @dataclass
-class QDiffusion(StaticPTQ):
+class QDiffusion(StaticPTQBase):
     name: str = "qdiffusion"
     calib_steps: int = 50  # DDIM steps of the full-precision calibration trajectories
     interval: int = 5  # keep every interval-th step's x_t: uniform over the denoising process

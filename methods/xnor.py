@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.methods.sign import SignBinarization
+from bench.compress.sign import SignBinarizationBase
 
 
 def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -24,7 +24,7 @@ def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class XNOR(SignBinarization):
+class XNOR(SignBinarizationBase):
     name: str = "xnor"
     paper: ClassVar[str] = "Rastegari et al., XNOR-Net (ECCV 2016): binary weights and binary inputs"
 

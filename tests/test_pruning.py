@@ -9,12 +9,12 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
+from bench.compress.hessian import HessianAccumulator
+from bench.compress.sparsity import Pattern, keep_top
 from bench.errors import BenchError
-from bench.methods.gptq import HessianAccumulator
 from bench.methods.magnitude import MagnitudePruning
 from bench.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from bench.methods.wanda import Wanda
-from bench.sparsity import Pattern, keep_top
 from conftest import logits, random_calib
 
 
