@@ -101,12 +101,30 @@ def set_determinism(seed: int, threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+# core modules whose code computes a method's artifact (family toolkits, quantizers, distillation)
+TOOLKIT_MODULES = ("bench.compress.", "bench.quant.", "bench.distill", "bench.binary_conv")
+
+
+def method_code_files(cls: type) -> list[str]:
+    """The source files that compute a method's artifact: the modules of its classes (bench.plugins' contract
+    excepted) and the toolkit modules those modules use."""
+    modules = {c.__module__ for c in cls.__mro__
+               if c.__module__.startswith("bench.") and c.__module__ != "bench.plugins"}
+    for name in list(modules):
+        for value in vars(sys.modules[name]).values():
+            used = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(used, str) and used.startswith(TOOLKIT_MODULES):
+                modules.add(used)
+    return sorted(f for f in (inspect.getsourcefile(sys.modules[m]) for m in modules) if f)
+
+
 def method_code_hash(method: Method) -> str:
-    """Part of the cache key: a change to the method's code invalidates its cached artifacts."""
+    """Part of the cache key: a change to the code that computes the method's artifact (its module, its base
+    classes' modules, the toolkits they use) invalidates its cached artifacts."""
     hashes = []
     for obj in method.code_objects():
-        src = inspect.getsourcefile(type(obj))
-        hashes.append(file_sha256(src)[:16] if src else "unknown")
+        files = method_code_files(type(obj))
+        hashes.append(content_key(*(file_sha256(f) for f in files))[:16] if files else "unknown")
     return "-".join(hashes)
 
 
