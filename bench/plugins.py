@@ -4,7 +4,6 @@ itself in `__post_init__`. Plug-ins never import each other; data flows one way 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -16,7 +15,7 @@ from bench.errors import ArtifactCorrupt, NotApplicable
 from bench.metrics import Metric
 from bench.models import LoadedModel
 from bench.models.adapter import LinearRef
-from bench.packed import EXECUTION_FAKE_QUANT, Packed
+from bench.packed import EXECUTION_FAKE_QUANT, Packed, read_layer_formats
 
 
 @dataclass
@@ -44,7 +43,7 @@ class Method:
     def restore(self, model: LoadedModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Packed:
         """Rebuild the runnable model from a stored artifact (the compressed-model cache). `model` is a
         fresh copy of the base model; its other parameters are overwritten from the artifact too."""
-        layer_format = json.loads(metadata.get("layer_format", "{}"))
+        layer_format = read_layer_formats(metadata)
         stored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layer_format}
         kept = {}
         for key, t in tensors.items():

@@ -21,6 +21,7 @@ from torch import nn
 
 from bench.distill import distill, kd_logits
 from bench.errors import ConfigError, NotApplicable, check_range
+from bench.layer_format import AdapterBranch
 
 VARIANTS = ("none", "lora", "dora", "rora")
 STORED = {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
@@ -85,8 +86,8 @@ class Recovery:
                 t = _get(ref.module, attr)
                 if t is not None:
                     packed.layers[ref.name][key] = t.detach().half()
-        suffix = f"+{self.name}{self.rank}"
-        packed.layer_format = {k: v + suffix for k, v in packed.layer_format.items()}
+        branch = AdapterBranch(self.name, self.rank)
+        packed.layer_format = {k: v.with_adapter(branch) for k, v in packed.layer_format.items()}
         packed.info.update({f"recover_{k}": v for k, v in history.items() if k != "train_losses"})
         packed.info["recover_losses"] = history["train_losses"]
         return packed

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -41,7 +40,8 @@ from torch import nn
 
 from bench import energy, timing
 from bench.errors import ConfigError
-from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, special_weights
+from bench.layer_format import LayerFormat
+from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, Packed
 from bench.plugins import Backend, Measurement, Workload
 from bench.quant.integer import load_int_layer
 
@@ -50,31 +50,28 @@ MIN_BLOCK, MAX_BLOCK_2BIT = 16, 256
 ACCURACY_LEVELS = {1: "fp32", 4: "int8"}  # MatMulNBits compute type on CPU -> the arithmetic of its MACs
 INT8_KERNELS = ("torch_dynamic", "ort_matmulnbits")
 
-# integer grids whose stored tensors are stored_int_layer's (qweight, scale, qzero, bias, perm)
-_INT_FORMAT = re.compile(r"^(?:(?:gptq|awq|l4q)-)?int(\d)-(sym|asym)-(ch|g\d+)(-actorder)?$")
-
-
-@dataclass(frozen=True)
-class IntGrid:
-    bits: int
-    symmetric: bool
-    group: int | None  # None: per output channel
-
-
-def parse_int_format(label: str) -> IntGrid | None:
-    """The integer grid of a weight-only layer-format label (e.g. gptq-int4-asym-g128-actorder), else None."""
-    m = _INT_FORMAT.match(label)
-    if not m:
-        return None
-    return IntGrid(int(m.group(1)), m.group(2) == "sym", None if m.group(3) == "ch" else int(m.group(3)[1:]))
-
-
 _NO_KERNEL = {"binary": "binary weights ({}): no binary (xnor/popcount) kernel on this backend",
               "ternary": "ternary weights ({}): no ternary kernel on this backend",
               "float": "floating-point weight format ({}): no low-bit float kernel on this backend"}
 
 
-def block_size(grid: IntGrid, in_features: int) -> tuple[int | None, str | None]:
+def format_reason(fmt: LayerFormat) -> str | None:
+    """Why no kernel here runs a layer stored as `fmt`, before its bits and group are looked at (None: it is an
+    integer grid with `stored_int_layer`'s tensors, fp32 activations and no adapter branch)."""
+    if fmt.kind in _NO_KERNEL:
+        return _NO_KERNEL[fmt.kind].format(fmt.name)
+    extras = ([fmt.act.label] if fmt.act is not None and fmt.act.quantized else []) + list(fmt.notes)
+    if extras:
+        return (f"activation quantization (+{extras[0]}): the kernels here take fp32 activations (MatMulNBits "
+                "quantizes them per block, torch int8 per tensor), not as the method does")
+    if fmt.adapter is not None:
+        return f"recovery adapters (+{fmt.adapter.label}): no kernel path for the adapter branch here"
+    if fmt.kind != "int" or fmt.mixed or fmt.levels or fmt.granularity not in ("channel", "group"):
+        return f"layer format '{fmt}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
+    return None
+
+
+def block_size(grid: LayerFormat, in_features: int) -> tuple[int | None, str | None]:
     """MatMulNBits' block for this grid, or the reason there is none."""
     if grid.group is None:  # per channel: one block covering the row, zero-padded to a power of two
         b = max(MIN_BLOCK, 1 << math.ceil(math.log2(in_features)))
@@ -213,24 +210,13 @@ class CpuKernelsBackend(Backend):
                               f"use one of: {', '.join(INT8_KERNELS)}")
 
     # -- what can run ------------------------------------------------------------------------------------
-    def _plan(self, packed: Packed, name: str) -> tuple[str, IntGrid | None, int | None, str | None]:
+    def _plan(self, packed: Packed, name: str) -> tuple[str, LayerFormat | None, int | None, str | None]:
         """(kernel, grid, block, reason): which kernel runs layer `name`, or why none can."""
-        label = packed.layer_format.get(name, "")
+        grid = packed.layer_format.get(name)
         module = packed.model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             return "", None, None, f"layer {name} is a {type(module).__name__}: the kernels here are linear matmuls"
-        weights, *extras = label.split("+")  # "+...": activation quantization, then recovery adapters
-        kind = special_weights(weights)
-        reason = _NO_KERNEL[kind].format(weights) if kind else None
-        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
-        if not reason and act:
-            reason = (f"activation quantization (+{act[0]}): the kernels here take fp32 activations (MatMulNBits "
-                      "quantizes them per block, torch int8 per tensor), not as the method does")
-        if not reason and extras:
-            reason = f"recovery adapters (+{extras[0]}): no kernel path for the adapter branch here"
-        grid = parse_int_format(weights)
-        if not reason and grid is None:
-            reason = f"layer format '{label}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
+        reason = format_reason(grid) if grid is not None else f"layer {name} has no layer format"
         if reason:
             return "", None, None, reason
         if grid.bits == 8 and grid.group is None and self.int8_kernel == "torch_dynamic":

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from bench.compress.rtn import RTNBase, scale_norm_
+from bench.layer_format import LayerFormat
 from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import quantize_rtn, resolve_group_size
@@ -81,8 +82,8 @@ class AWQ(RTNBase):
     paper: ClassVar[str] = "Lin et al., AWQ: Activation-aware Weight Quantization (MLSys 2024)"
     needs_calibration: ClassVar[bool] = True
 
-    def fmt(self) -> str:
-        return f"awq-{super().fmt()}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, self.symmetric, prefix="awq")
 
     def _fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return quantize_rtn(w, self.bits, self.group_size, self.symmetric).dequantize()

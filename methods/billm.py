@@ -32,6 +32,7 @@ import torch
 
 from bench.compress.hessian import inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -180,7 +181,7 @@ class BiLLM(Method):
             packed.per_layer.append(layer_stats(r, w, deq))
             w.copy_(deq)
             packed.layers[r.name] = {**stored, **stored_bias(r.module)}
-            packed.layer_format[r.name] = f"billm-residual-binary-b{self.block_size}"
+            packed.layer_format[r.name] = LayerFormat.binary(f"billm-residual-binary-b{self.block_size}")
 
         quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         return packed

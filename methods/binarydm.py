@@ -34,6 +34,7 @@ from torch import nn
 
 from bench import diffusion
 from bench.errors import ConfigError, NumericalFailure, check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -157,7 +158,8 @@ class BinaryDM(Method):
                 model.adapter.replace_linear(ref, layer.layer)
                 packed.per_layer.append({**layer_stats(ref, w_fp, wb), "bases": 1 if b2 is None else 2})
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = "binary-2basis-ch" if b2 is not None else "binary-1basis-ch"
+                packed.layer_format[ref.name] = LayerFormat.binary("binary-2basis-ch", 2) if b2 is not None \
+                    else LayerFormat.binary("binary-1basis-ch")
                 n_bits += wb.numel() * (1 if b2 is None else 2)
         for p in student.parameters():
             p.requires_grad_(False)

@@ -36,6 +36,7 @@ from torch import nn
 
 from bench.distill import distill, kd_logits
 from bench.errors import check_range
+from bench.layer_format import ActFormat, LayerFormat
 from bench.models import adapter_for, round_to_storage
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
@@ -124,8 +125,9 @@ class EdgeQAT(Method):
         for key in ("ce_weight", "kd_weight", "distribution_weight", "entropy_weight"):
             check_range(f"method.{key}", getattr(self, key), 0.0, 1e6)
 
-    def fmt(self) -> str:
-        return f"edgeqat-w{self.bits}-per_tensor-sym+a{self.act_bits}-per_tensor-static"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat("int", self.bits, f"edgeqat-w{self.bits}-per_tensor-sym", "tensor", symmetric=True,
+                           act=ActFormat(self.act_bits, "int", "per_tensor", "static"))
 
     def _entropy_hooks(self, adapter, head_dim: int, store: list) -> list:
         """Forward hooks collecting sum log(1 + Var_d) of each head of the q and k projections' outputs."""
@@ -194,7 +196,7 @@ class EdgeQAT(Method):
                 stored.update({"act_step": m.a_step.detach().half(), "act_zero": m.a_zero.detach().round().half(),
                                "act_signed": torch.tensor(m.a_signed)})
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = self.fmt()
+                packed.layer_format[ref.name] = self.layer_format()
                 attach_static_act_quant(linear, stored["act_step"], stored["act_zero"], self.act_bits, m.a_signed)
         packed.info.update(history)
         packed.info["activations"] = f"a{self.act_bits}-per_tensor-static"

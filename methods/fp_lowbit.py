@@ -30,6 +30,7 @@ import torch
 
 from bench import diffusion
 from bench.errors import ConfigError, check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -167,7 +168,7 @@ class FPLowBit(Method):
                                          "bias_equiv_mean": float((fmt.exponent_bias - torch.log2(s)).mean())})
                 w.copy_(wq)
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = f"fp{fmt.bits}_{fmt.name}-ch"
+                packed.layer_format[ref.name] = LayerFormat.float_grid(f"fp{fmt.bits}_{fmt.name}", fmt.bits, -1)
                 chosen[ref.name] = fmt.name
         gains = [p["output_err_learned"] / max(p["output_err_nearest"], 1e-30) for p in packed.per_layer]
         packed.info["rounding_err_ratio_mean"] = sum(gains) / len(gains)

@@ -23,12 +23,13 @@ import torch
 
 from bench.compress.hessian import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import n_groups, resolve_group_size
 from bench.quant.activation import ActivationQuantized
-from bench.quant.integer import (expand_groups, from_codes, grid_params, int_format, load_int_layer, restore_bias,
+from bench.quant.integer import (expand_groups, from_codes, grid_params, load_int_layer, restore_bias,
                                  stored_int_layer, to_codes)
 
 
@@ -109,8 +110,8 @@ class GPTQ(ActivationQuantized, Method):
         check_range("method.block_size", self.block_size, 1, 1 << 16)
         self.check_activation_settings()
 
-    def fmt(self) -> str:
-        return f"gptq-{int_format(self.bits, self.group_size, self.symmetric)}{'-actorder' if self.act_order else ''}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, self.symmetric, prefix="gptq", act_order=self.act_order)
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
@@ -126,7 +127,7 @@ class GPTQ(ActivationQuantized, Method):
             if res.perm is not None:
                 stored["perm"] = res.perm.to(torch.int16 if res.perm.numel() < 2**15 else torch.int32)
             packed.layers[r.name] = stored
-            packed.layer_format[r.name] = self.fmt()
+            packed.layer_format[r.name] = self.layer_format()
 
         quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         packed.info["calib_tokens"] = int(calib.windows.numel())

@@ -112,4 +112,5 @@ class QDiffusion(StaticPTQBase):
                                     fake_quant_static(x[:, c:], s[1], z[1], b)], dim=1)
 
     def layer_format(self, w_bits, a_bits):
-        return super().layer_format(w_bits, a_bits) + ("+qdiff-calib" if a_bits else "")
+        fmt = super().layer_format(w_bits, a_bits)
+        return fmt.with_notes("qdiff-calib") if a_bits else fmt

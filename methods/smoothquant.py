@@ -20,6 +20,7 @@ import torch
 
 from bench.compress.rtn import RTNBase, scale_norm_
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 
 
 @torch.no_grad()
@@ -72,8 +73,8 @@ class SmoothQuant(RTNBase):
         super().__post_init__()
         check_range("method.alpha", self.alpha, 0.0, 1.0)
 
-    def fmt(self) -> str:
-        return f"smooth{self.alpha:g}-{super().fmt()}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, self.symmetric, prefix=f"smooth{self.alpha:g}")
 
     @torch.no_grad()
     def compress(self, model, calib, budget):

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from bench.compress.sign import SignBinarizationBase
+from bench.layer_format import ActFormat
 
 
 def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ class XNOR(SignBinarizationBase):
     def runtime_hooks(self, model, packed):
         for ref in self.targets(model):
             ref.module.register_forward_pre_hook(lambda _m, args: (binarize_tokens(args[0]), *args[1:]))
-        suffix = "+a1-per_token-meanabs"
-        packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}
+        signs = ActFormat(1, "binary", "per_token", "meanabs")
+        packed.layer_format = {k: v.with_act(signs) for k, v in packed.layer_format.items()}
         packed.info["activations"] = "binary (sign x per-token mean |x|)"
         return packed

@@ -68,7 +68,7 @@ def test_fp_lowbit_weights_lie_on_the_chosen_fp_grid(trained, calib):
     packed = method.compress(models.clone(trained[1]), calib, TINY_BUDGET)
     m = models.with_module(trained[1], packed.model)
     for ref in m.adapter.linears():
-        fmt_name = packed.layer_format[ref.name].split("_")[1].split("-")[0]
+        fmt_name = packed.layer_format[ref.name].name.split("_")[1].split("-")[0]
         e, man = (int(v) for v in fmt_name[1:].split("m"))
         fmt = FloatFormat(e, man)
         w = weight_matrix(ref.module)

@@ -108,19 +108,3 @@ def test_corrupted_artifact_is_detected(tiny_llama, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactCorrupt, match="sha256"):
         store.load("k")
-
-
-def test_layer_format_labels_read_by_the_backends():
-    """The words backends read from methods' layer-format labels (bench.packed): binary words win over an fp16
-    scale suffix, float formats are told from integer grids, and a mixed-width grid says so."""
-    from bench.packed import int_weight_bits, special_weights
-
-    kinds = {"sign-1bit-rowscale-fp16": "binary", "pbllm-binary+int8-0.1salient": "binary",
-             "onebit-1bit-svid-fp16+layernorm": "binary", "binary-1bit-chscale-fp16+a1+shortcut": "binary",
-             "ternary-twn-rowscale-fp16": "ternary", "fp4_e2m1-ch": "float", "bitmod-fp4-g128": "float",
-             "gptq-int4-asym-g128-actorder": None, "int8-sym-ch+a8-per_token-dynamic": None}
-    assert {label: special_weights(label) for label in kinds} == kinds
-    assert int_weight_bits("gptq-int4-asym-g128-actorder") == (4, False)
-    assert int_weight_bits("int8-sym-ch+a8-per_token-dynamic") == (8, False)
-    assert int_weight_bits("baq-int3avg-layer-rowminmax") == (3, True)
-    assert int_weight_bits("fp4_e2m1-ch") is None and int_weight_bits("sign-1bit-rowscale-fp16") is None

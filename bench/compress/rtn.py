@@ -12,11 +12,12 @@ from typing import ClassVar
 import torch
 
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
 from bench.quant.activation import ActivationQuantized
-from bench.quant.integer import int_format, load_int_layer, restore_bias, stored_int_layer, weight_matrix
+from bench.quant.integer import load_int_layer, restore_bias, stored_int_layer, weight_matrix
 
 
 @dataclass
@@ -32,8 +33,8 @@ class RTNBase(ActivationQuantized, Method):
         check_range("method.bits", self.bits, 2, 8)
         self.check_activation_settings()
 
-    def fmt(self) -> str:
-        return int_format(self.bits, self.group_size, self.symmetric)
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, self.symmetric)
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
@@ -46,7 +47,7 @@ class RTNBase(ActivationQuantized, Method):
             packed.per_layer.append(layer_stats(ref, w, wq))
             w.copy_(wq)
             packed.layers[ref.name] = stored
-            packed.layer_format[ref.name] = self.fmt()
+            packed.layer_format[ref.name] = self.layer_format()
         return self.runtime_hooks(model, packed)
 
     @torch.no_grad()

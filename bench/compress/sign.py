@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -53,7 +54,7 @@ class SignBinarizationBase(Method):
             packed.per_layer.append(layer_stats(ref, w, wq))
             w.copy_(wq)
             packed.layers[ref.name] = stored
-            packed.layer_format[ref.name] = "sign-1bit-rowscale-fp16"
+            packed.layer_format[ref.name] = LayerFormat.binary("sign-1bit-rowscale-fp16")
         kept = [r.name for r in model.adapter.linears() if r.name not in packed.layers]
         if model.kind != "causal_lm":
             packed.info["layers_kept_full_precision"] = len(kept)

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import check_range
+from bench.layer_format import ActFormat, LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -24,6 +25,14 @@ CLIP_GRID = torch.linspace(1.0, 0.3, 15)  # clipping ratios tried for weights an
 CALIB_BATCH = 16
 SAMPLES_PER_BATCH = 8192  # activation values kept per layer per calibration batch for the range search
 DIFFUSION_CALIB_STEPS = 20  # DDIM steps of a diffusion model's calibration trajectories
+
+
+def static_activations(a_bits: int | None, float_format: str = "") -> ActFormat:
+    """The inputs of a static-PTQ layer: `a_bits` integers (or a float format) with one calibrated range per tensor,
+    or full-precision float (a32) when the layer's activations are not quantized."""
+    if not a_bits:
+        return ActFormat(32, "float")
+    return ActFormat(a_bits, "float" if float_format else "int", "per_tensor", "static", float_format)
 
 
 @fp32  # fp32: the per-channel clip search and its squared errors
@@ -135,8 +144,8 @@ class StaticPTQBase(Method):
         packed.extra_metadata["kept_full_precision"] = ",".join(kept)
         return self.runtime_hooks(model, packed)
 
-    def layer_format(self, w_bits: int, a_bits: int | None) -> str:
-        return f"int{w_bits}-sym-ch+" + (f"a{a_bits}-per_tensor-static" if a_bits else "a32")
+    def layer_format(self, w_bits: int, a_bits: int | None) -> LayerFormat:
+        return LayerFormat.int_grid(w_bits, -1, True).with_act(static_activations(a_bits))
 
     def bit_width(self, w_spec) -> int:
         return w_spec

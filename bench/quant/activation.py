@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import ConfigError, check_range
+from bench.layer_format import ActFormat
 from bench.quant.floating import float_format, round_to_format
 
 GRANULARITIES = ("per_token", "per_tensor")
@@ -41,10 +42,14 @@ class ActQuantSpec:
 
     @property
     def tag(self) -> str:
-        if not self.enabled:
-            return "a16"
-        kind = self.fmt if self.fmt else f"a{self.bits}"
-        return f"{kind}-{self.granularity}-dynamic"
+        return self.format.label if self.enabled else "a16"
+
+    @property
+    def format(self) -> ActFormat:
+        """The layer format's activation part (enabled specs only)."""
+        if self.fmt:
+            return ActFormat(float_format(self.fmt).bits, "float", self.granularity, "dynamic", self.fmt)
+        return ActFormat(self.bits, "int", self.granularity, "dynamic")
 
 
 def fake_quant_activations(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
@@ -91,7 +96,6 @@ class ActivationQuantized:
     def runtime_hooks(self, model, packed):
         spec = self.act_spec
         if attach(model.adapter, spec):
-            suffix = f"+{spec.tag}"  # a restored artifact's layer formats already carry it
-            packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}
+            packed.layer_format = {k: v.with_act(spec.format) for k, v in packed.layer_format.items()}
             packed.info["activations"] = spec.tag
         return packed

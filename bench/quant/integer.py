@@ -122,12 +122,6 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bo
                         symmetric)
 
 
-def int_format(bits: int, group_size: int, symmetric: bool) -> str:
-    """The layer-format label of an integer grid, e.g. int4-asym-g128 (ch = per output channel)."""
-    g = "ch" if group_size in (-1, 0) else f"g{group_size}"
-    return f"int{bits}-{'sym' if symmetric else 'asym'}-{g}"
-
-
 def stored_bias(module) -> dict[str, torch.Tensor]:
     """A linear's bias as the artifact stores it (fp16), or nothing if it has none."""
     return {} if module.bias is None else {"bias": module.bias.detach().to(torch.float16)}
