@@ -55,7 +55,8 @@ from bench.calib import CalibSpec
 from bench.errors import BenchError, ConfigError, ResourceError
 from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
-from bench.plugins import Backend, Measurement, Workload
+from bench.plugins import Measurement, Workload
+from bench.timing import TimedBackend
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("tflite_convert.py")
@@ -128,13 +129,9 @@ class _Logits(nn.Module):
 
 
 @dataclass
-class TfliteBackend(Backend):
+class TfliteBackend(TimedBackend):
     name: str = "tflite"
     recipe: str = "fp32"
-    threads: int = 1
-    warmup: int = 1
-    min_reps: int = 3
-    min_seconds: float = 2.0
     venv: str | None = None  # the converter venv; default <repo>/.venv-litert
     cache_dir: str | None = None  # converted files; default a temporary directory
     calib: CalibSpec | None = None  # full_int8 calibration images (the run's calib set)
@@ -152,8 +149,9 @@ class TfliteBackend(Backend):
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ConfigError(f"hardware.recipe={self.recipe} is unknown", f"choices: {', '.join(RECIPES)}")
-        if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0 or self.calib_samples <= 0:
-            raise ConfigError("hardware threads/min_reps/calib_samples must be positive", "e.g. hardware.threads=1")
+        super().__post_init__()
+        if self.calib_samples < 1:
+            raise ConfigError(f"hardware.calib_samples={self.calib_samples} must be positive", "e.g. 32")
         self.check_venv()  # before any model is loaded or run recorded
 
     # -- the converter venv ----------------------------------------------------------------------------
@@ -200,7 +198,7 @@ class TfliteBackend(Backend):
                 return Measurement(unsupported=reason)
             packed = self.deploy(packed)
             runner = packed.info["tflite"]
-        timer = timing.Timer(self.warmup, self.min_reps, self.min_seconds)
+        timer = self.timer()
         x = workload.inputs if workload.kind == "image" else workload.prompt_ids
         interp = runner.set_input(x)
         rapl = energy.RaplMeter().start()
