@@ -42,8 +42,9 @@ from bench import energy, timing
 from bench.errors import ConfigError
 from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, Packed
-from bench.plugins import Backend, Measurement, Workload
+from bench.plugins import Measurement, Workload
 from bench.quant.integer import load_int_layer
+from bench.timing import TimedBackend
 
 MATMULNBITS_BITS = (2, 4, 8)  # onnxruntime 1.32 refuses other widths at session creation
 MIN_BLOCK, MAX_BLOCK_2BIT = 16, 256
@@ -180,12 +181,8 @@ def torch_dynamic_int8(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 
 @dataclass
-class CpuKernelsBackend(Backend):
+class CpuKernelsBackend(TimedBackend):
     name: str = "cpu_kernels"
-    threads: int = 2
-    warmup: int = 1
-    min_reps: int = 3
-    min_seconds: float = 2.0
     accuracy_level: int = 4  # MatMulNBits compute: 1 = fp32 (fake-quant's function), 4 = int8 activations
     int8_kernel: str = "torch_dynamic"  # for per-channel int8 grids; grouped int8 always runs MatMulNBits
     capabilities: ClassVar[dict] = {
@@ -200,8 +197,7 @@ class CpuKernelsBackend(Backend):
     }
 
     def __post_init__(self):
-        if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0:
-            raise ConfigError("hardware threads/min_reps must be positive", "e.g. hardware.threads=2")
+        super().__post_init__()
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"hardware.accuracy_level={self.accuracy_level} is not a MatMulNBits CPU compute type "
                               "here", "use 1 (fp32 compute) or 4 (int8 compute)")
@@ -276,8 +272,7 @@ class CpuKernelsBackend(Backend):
         torch.set_num_threads(self.threads)
         model = packed.model
         rapl = energy.RaplMeter().start()
-        lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens,
-                               timing.Timer(self.warmup, self.min_reps, self.min_seconds))
+        lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens, self.timer())
         m = lat.metrics
         memory, n_torch = timing.host_memory(model)
         kernels = [mod for mod in model.modules() if hasattr(mod, "mac_kind")]
