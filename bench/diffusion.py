@@ -236,7 +236,7 @@ class ClassifierRecipe:
     seed: int = 0
 
     def build(self, side: int) -> nn.Module:
-        from bench.models.unet import LeNet
+        from bench.models.digits import LeNet
 
         return LeNet(1, 10, side)
 
@@ -278,11 +278,11 @@ def cached_train(kind: str, recipe, data: ImageSet, cache_dir: str | None, train
     import json
     from dataclasses import asdict
 
-    from bench.models import unet
+    from bench.models import digits, unet
 
     code = (_code_hash(load_images, train_ddpm, Schedule, _lr_at, unet.TinyUNet, unet.ResBlock, unet.timestep_embedding,
                        unet._norm) if kind == "ddpm"
-            else _code_hash(load_images, heldout_split, train_classifier, unet.LeNet))
+            else _code_hash(load_images, heldout_split, train_classifier, digits.LeNet))
     key = content_key(kind, asdict(recipe), data.sha256, code)
     store = trained_store(cache_dir)
     if store.has(key):

@@ -110,7 +110,7 @@ class LayerFormat:
 
     @property
     def packing(self) -> str:
-        """How the weight codes are laid out in bytes (bench.quant.packing)."""
+        """How the weight codes are laid out in bytes (bench.quant.bitpack)."""
         if self.levels:
             return f"base{self.levels}"  # several codes per byte group (3 levels: 5 per 8 bits, 5: 3 per 7)
         return "values+positions" if self.kind == "sparse" else "bitstream"  # bitstream: `bits` per code

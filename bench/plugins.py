@@ -1,4 +1,4 @@
-"""The plug-in contracts: Method, Task, Backend. One module + one YAML each under methods/, tasks/,
+"""The plug-in contracts: Method, Task, HardwareBackend. One module + one YAML each under methods/, tasks/,
 hardware/. Each plug-in class is a dataclass built by Hydra from its YAML (`_target_`) and validates
 itself in `__post_init__`. Plug-ins never import each other; data flows one way (see DESIGN.md)."""
 
@@ -119,7 +119,10 @@ class Measurement:
 
 
 @dataclass
-class Backend:
+class HardwareBackend:
+    """A `hardware=` choice: where and how the packed model runs (a CPU with torch or real low-bit kernels, a GPU, a
+    mobile runtime, a simulated accelerator), what it can execute, and its measurements."""
+
     name: str
     # What this backend really executes. A packed model needing something not listed is `unsupported`.
     capabilities: ClassVar[dict] = {}

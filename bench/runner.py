@@ -33,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from bench import calib as calib_mod
 from bench import recover as recover_mod
 from bench.recover import Recovery
-from bench import models, precision, resources, sweep, tracking
+from bench import models, precision, preflight, sweep, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
-from bench.plugins import Backend, Method, Task
+from bench.plugins import HardwareBackend, Method, Task
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Runner:
         self.data_root = cfg.paths.data_root
         self.method: Method = build(cfg.method, "method")
         self.task: Task = build(cfg.task, "task")
-        self.backend: Backend = build(cfg.hardware, "hardware")
+        self.backend: HardwareBackend = build(cfg.hardware, "hardware")
         self.budget = build(cfg.budget, "budget")
         self.calib_spec = build(cfg.calib, "calib")
         self.model_spec = build(cfg.model, "model")
@@ -341,7 +341,7 @@ class Runner:
         set_determinism(self.cfg.seed, self.cfg.threads)
         tracking.setup(self.results)
         t0 = time.perf_counter()
-        resources.check_fits(self.model_spec)  # estimated from the weight files, before loading them
+        preflight.check_fits(self.model_spec)  # estimated from the weight files, before loading them
         model = models.load(self.model_spec, self.data_root)
         load_s = time.perf_counter() - t0
         self.method.check_applicable(model)  # before the baseline is measured, not after

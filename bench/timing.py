@@ -16,7 +16,7 @@ from typing import Callable
 from torch import nn
 
 from bench.errors import ConfigError
-from bench.plugins import Backend
+from bench.plugins import HardwareBackend
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -49,7 +49,7 @@ class Timer:
 
 
 @dataclass
-class TimedBackend(Backend):
+class TimedBackend(HardwareBackend):
     """A backend that times the model on this machine with the protocol above."""
 
     threads: int = 2  # torch (and runtime) intra-op threads, recorded

@@ -25,7 +25,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from bench.errors import ResourceError
-from bench.resources import writable_dir
+from bench.preflight import writable_dir
 
 EXPERIMENT = "bench"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "lm_eval", "accelerate", "peft", "datasets",

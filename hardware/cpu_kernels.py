@@ -12,7 +12,7 @@ integer codes, scales and zero points (read from the artifact's tensors, never r
   engine), the method's codes as per-channel qint8 with their zero points; it quantizes the activations
   per tensor at run time (uint8, reduce_range), so its accuracy differs slightly from fake-quant.
 Everything else (attention, norms, embeddings, head) stays torch fp32. The task is evaluated again on this
-model, so the record carries both accuracies and their difference (see `Backend.deploy`).
+model, so the record carries both accuracies and their difference (see `HardwareBackend.deploy`).
 
 Capabilities (onnxruntime 1.32, torch 2.13): MatMulNBits accepts bits 2, 4 and 8 only ("additional bits
 support is planned"), blocks a power of two >= 16, and 2-bit blocks <= 256. A packed model needing anything

@@ -1,6 +1,9 @@
-"""`fpga_sim`: an accelerator simulated by ZigZag (zigzag-dse 3.9.1, KU Leuven): per-layer latency (cycles), energy
-(pJ) and MAC utilization of the packed model's Conv/Gemm/MatMul layers on an accelerator described in
-`configs/accelerator/<name>.yaml`, fed with the model's ONNX graph and each layer's real bit-widths.
+"""`fpga_sim`: two simulations of a fixed-point deployment. Costs: an accelerator array simulated by ZigZag
+(zigzag-dse 3.9.1, KU Leuven) - the shipped one, `tpu_like`, is a TPU-v1-like 32x32 systolic MAC array, not an
+FPGA fabric: per-layer latency (cycles), energy (pJ) and MAC utilization of the packed model's Conv/Gemm/MatMul
+layers on the array described in `configs/accelerator/<name>.yaml`, fed with the model's ONNX graph and each
+layer's real bit-widths (`simulate_accelerator`). Accuracy: the FPGA's fixed-point datapath, by hls4ml C
+simulation (`deploy`, below).
 
 Protocol: the packed model is exported to ONNX (torch.onnx, TorchScript exporter, opset 13) at one image of the
 workload's input; each weight layer's operand precisions are set from the packed layer format (`int4-...` -> 4-bit
@@ -67,7 +70,7 @@ from bench import energy
 from bench.errors import ConfigError
 from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
-from bench.plugins import Backend, Measurement, Workload
+from bench.plugins import HardwareBackend, Measurement, Workload
 
 ACCELERATORS = Path(__file__).resolve().parents[1] / "configs" / "accelerator"
 _AP_FIXED = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*(,\s*AP_[A-Z_]+\s*){0,2}>$")
@@ -92,7 +95,7 @@ def layer_bits(fmt: LayerFormat | None, default_bits: int) -> tuple[int, int] | 
 
 
 @dataclass
-class FpgaSimBackend(Backend):
+class FpgaSimBackend(HardwareBackend):
     name: str = "fpga_sim"
     accelerator: str = "tpu_like"  # configs/accelerator/<name>.yaml, or a path to such a file
     default_bits: int = 8  # operand width of what the method left unquantized: the array's native width
@@ -192,7 +195,8 @@ class FpgaSimBackend(Backend):
                       info={**packed.info, "csim": csim, "csim_torch_model": packed.model})
 
     # -- simulation --------------------------------------------------------------------------------------------
-    def simulate(self, model: torch.nn.Module, x: torch.Tensor, layer_format: dict[str, LayerFormat]) -> list[dict]:
+    def simulate_accelerator(self, model: torch.nn.Module, x: torch.Tensor, layer_format: dict[str, LayerFormat]
+                             ) -> list[dict]:
         """Per weight layer of `model` on input `x` (batch 1): name, bits, cycles, energy_pj, utilization, macs."""
         import onnx
         from onnx import helper
@@ -282,7 +286,8 @@ class FpgaSimBackend(Backend):
         _quiet_zigzag()
         csim: HlsCSim | None = packed.info.get("csim")
         # ZigZag costs the torch graph at the stored widths, also when the deployed model is the C simulation
-        layers = self.simulate(packed.info.get("csim_torch_model", packed.model), workload.inputs, packed.layer_format)
+        layers = self.simulate_accelerator(packed.info.get("csim_torch_model", packed.model), workload.inputs,
+                                           packed.layer_format)
         label = workload.label or "forward"
         cycles = sum(layer["cycles"] for layer in layers)
         pj = sum(layer["energy_pj"] for layer in layers)

@@ -29,7 +29,7 @@ def test_per_tensor_shares_one_scale_and_fp4_activations_use_15_values():
     x = torch.randn(4, 8, 32)
     q = fake_quant_activations(x, ActQuantSpec(bits=4, granularity="per_tensor"))
     assert q.unique().numel() <= 16
-    f = fake_quant_activations(x, ActQuantSpec(fmt="fp4_e2m1", granularity="per_tensor"))
+    f = fake_quant_activations(x, ActQuantSpec(format_name="fp4_e2m1", granularity="per_tensor"))
     assert f.unique().numel() <= 15
 
 

@@ -3,7 +3,7 @@ vision method (`rtn`, `static_ptq`, `minifloat`, ...) and backend applies to a m
 measured offline.
 
 The only one so far is the LeNet-5 of the diffusion track's `fd_lenet` (`bench.diffusion.ClassifierRecipe`,
-`bench.models.unet.LeNet`): trained on scikit-learn's `load_digits` (1797 real 8x8 digits, scaled to [-1, 1]),
+`LeNet` below): trained on scikit-learn's `load_digits` (1797 real 8x8 digits, scaled to [-1, 1]),
 80/20 split by a seeded permutation, cached under `<results>/trained/` by recipe + data + training code. The
 same recipe gives the same checkpoint as `fd_lenet` (one training for both). The held-out split is recomputed
 by `bench.diffusion.heldout_split` (the split training used) and checked at load: the uncompressed model's
@@ -15,8 +15,31 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bench.errors import ConfigError, DataCorrupt
+
+
+class LeNet(nn.Module):
+    """LeNet-5 layout (conv 5x5 -> pool -> conv 5x5 -> pool -> 120 -> 84 -> classes), padded so that 8x8
+    inputs keep two poolings; `features` returns the 84-d penultimate activations."""
+
+    def __init__(self, in_ch: int = 1, n_classes: int = 10, image_size: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
+        side = image_size // 4
+        self.fc1, self.fc2 = nn.Linear(16 * side * side, 120), nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.features(x))
 
 
 def load_suite_classifier(spec):

@@ -1,11 +1,10 @@
-"""Small image networks the suite trains itself for the offline diffusion track (plain torch, no download).
+"""The noise predictor the suite trains itself for the offline diffusion track (plain torch, no download).
 
 - `TinyUNet`: the DDPM noise predictor eps(x_t, t) of Ho et al. (2020) scaled down for 8x8 / 28x28 digits:
   sinusoidal timestep embedding -> 2-layer MLP, conv_in, per resolution `n_res` residual blocks (GroupNorm,
   SiLU, 3x3 conv, the timestep projected and added per channel, 3x3 conv, 1x1 skip when widths differ),
   strided-conv downsampling, two middle blocks, nearest-upsampling + conv with concatenated skips, and
   GroupNorm-SiLU-conv_out. No attention (at 8x8 it buys little and would be the only non-conv op).
-- `LeNet`: a LeNet-5-style classifier whose penultimate features define the Frechet distance `fd_lenet`.
 - `DiffusionAdapter`: the conv adapter with every Conv2d/Linear named by its role in the UNet
   (`time_mlp`, `conv_in`, `res.conv1`, `res.temb`, `res.conv2`, `res.skip`, `down`, `up`, `conv_out`) and
   `block` = its order, so methods written against `linears()` (rtn, minifloat, ...) apply unchanged.
@@ -120,25 +119,6 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class LeNet(nn.Module):
-    """LeNet-5 layout (conv 5x5 -> pool -> conv 5x5 -> pool -> 120 -> 84 -> classes), padded so that 8x8
-    inputs keep two poolings; `features` returns the 84-d penultimate activations."""
-
-    def __init__(self, in_ch: int = 1, n_classes: int = 10, image_size: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
-        side = image_size // 4
-        self.fc1, self.fc2 = nn.Linear(16 * side * side, 120), nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, n_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.features(x))
 
 
 def _role(name: str, module: nn.Module) -> str:

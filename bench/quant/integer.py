@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import ConfigError, check_range
-from bench.quant.packing import pack_bits, unpack_bits
+from bench.quant.bitpack import pack_bits, unpack_bits
 
 
 @dataclass
