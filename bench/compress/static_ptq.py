@@ -20,6 +20,7 @@ from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import IntQuantized
 from bench.quant.integer import load_int_layer, restore_bias, stored_int_layer, weight_matrix
+from bench.sampler import calibration_inputs
 
 CLIP_GRID = torch.linspace(1.0, 0.3, 15)  # clipping ratios tried for weights and activations
 CALIB_BATCH = 16
@@ -166,8 +167,6 @@ class StaticPTQBase(Method):
             return hook
 
         if model.kind == "diffusion":  # a denoiser takes (x_t, t): the (x_t, t) its own sampler meets
-            from bench.diffusion import calibration_inputs
-
             xs, ts = calibration_inputs(model, calib, DIFFUSION_CALIB_STEPS)
             batches = [(xs[s:s + 256], ts[s:s + 256]) for s in range(0, xs.shape[0], 256)]
         else:

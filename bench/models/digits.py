@@ -2,23 +2,27 @@
 vision method (`rtn`, `static_ptq`, `minifloat`, ...) and backend applies to a model whose accuracy can be
 measured offline.
 
-The only one so far is the LeNet-5 of the diffusion track's `fd_lenet` (`bench.diffusion.ClassifierRecipe`,
-`LeNet` below): trained on scikit-learn's `load_digits` (1797 real 8x8 digits, scaled to [-1, 1]),
-80/20 split by a seeded permutation, cached under `<results>/trained/` by recipe + data + training code. The
-same recipe gives the same checkpoint as `fd_lenet` (one training for both). The held-out split is recomputed
-by `bench.diffusion.heldout_split` (the split training used) and checked at load: the uncompressed model's
-top-1 on it must equal the training record's `heldout_top1`, so the task never evaluates on training images.
+The only one so far is the LeNet-5 (`LeNet`, `ClassifierRecipe` below) that is also the feature extractor of the
+diffusion track's `fd_lenet`: trained on scikit-learn's `load_digits` (1797 real 8x8 digits, scaled to [-1, 1]),
+80/20 split by a seeded permutation (`bench.image_sets.heldout_split`), Adam on the cross-entropy, cached under
+`<results>/trained/` by recipe + data + training code (bench/models/suite_training.py). The same recipe gives the
+same checkpoint as `fd_lenet` (one training for both). The held-out split is recomputed and checked at load: the
+uncompressed model's top-1 on it must equal the training record's `heldout_top1`, so the task never evaluates on
+training images.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import ConfigError, DataCorrupt
+from bench.image_sets import ImageSet, heldout_split, load_images
+from bench.models.suite_training import cached_train
 
 
 class LeNet(nn.Module):
@@ -42,10 +46,54 @@ class LeNet(nn.Module):
         return self.fc3(self.features(x))
 
 
-def load_suite_classifier(spec):
-    from bench import models
-    from bench.diffusion import ClassifierRecipe, heldout_split, load_classifier
+@dataclass
+class ClassifierRecipe:
+    """The feature extractor of `fd_lenet`: LeNet trained on the same image set, 80/20 seeded split (the
+    held-out accuracy is recorded so a reader can judge the features)."""
 
+    dataset: str = "sklearn_digits"
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+    def build(self, side: int) -> nn.Module:
+        return LeNet(1, 10, side)
+
+
+def train_classifier(recipe: ClassifierRecipe, data: ImageSet) -> tuple[nn.Module, dict]:
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
+    tr, te = heldout_split(data.images.shape[0], g)  # g goes on to draw the epoch orders
+    n_train = len(tr)
+    model = recipe.build(data.side)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    t0 = time.perf_counter()
+    for _ in range(recipe.epochs):
+        order = tr[torch.randperm(n_train, generator=g)]
+        for s in range(0, n_train, recipe.batch_size):
+            idx = order[s:s + recipe.batch_size]
+            x = data.images[idx]
+            loss = F.cross_entropy(model(x), data.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(data.images[te]).argmax(1) == data.labels[te]).float().mean())
+    return model, {"train_seconds": time.perf_counter() - t0, "heldout_top1": acc, "n_heldout": len(te)}
+
+
+def load_classifier(recipe: ClassifierRecipe, cache_dir: str | None) -> tuple[nn.Module, dict, ImageSet]:
+    data = load_images(recipe.dataset)
+    code = (load_images, heldout_split, train_classifier, LeNet)  # the source that training runs
+    model, record = cached_train("lenet", recipe, data, cache_dir, train_classifier, lambda: recipe.build(data.side),
+                                 code)
+    return model, record, data
+
+
+def load_suite_classifier(spec) -> tuple[nn.Module, dict]:
+    """The trained classifier of `spec.recipe` (the caller rounds it to storage and wraps it) and its facts."""
     try:
         recipe = ClassifierRecipe(**(spec.recipe or {}))
     except TypeError as e:
@@ -62,13 +110,9 @@ def load_suite_classifier(spec):
                           "delete the cached classifier under <results>/trained/ to retrain it")
     module.bench_kind = "image_classifier"
     module.bench_input_shape = tuple(data.images.shape[1:])  # (C, H, W): what a converter needs to know
-    models.round_to_storage(module, models._DTYPES[spec.storage_dtype])
-    adapter = models.adapter_for(module)
     info = {"architecture": type(module).__name__, "dataset": data.name, "dataset_source": data.source,
             "data_sha256": data.sha256, "image_side": data.side, "channels": int(data.images.shape[1]),
             "input_range": "[-1, 1] (raw / 8 - 1)", "split_seed": recipe.seed, "n_heldout": int(held.numel()),
             "train_heldout_top1": record.get("heldout_top1"), "train_seconds": record.get("train_seconds"),
-            "train_cache": record.get("cache"), "recipe": asdict(recipe),
-            "n_params": sum(p.numel() for p in module.parameters()), "n_blocks": 0,
-            "n_block_linear_weights": adapter.n_block_linear_weights()}
-    return models.LoadedModel(spec, module, None, adapter, models.weights_sha256(module), info)
+            "train_cache": record.get("cache"), "recipe": asdict(recipe)}
+    return module, info
