@@ -97,6 +97,7 @@ def train_ddpm(recipe: DDPMRecipe, data: ImageSet, threads: int | None = None) -
 def load_ddpm(recipe: DDPMRecipe, cache_dir: str | None) -> tuple[nn.Module, dict, ImageSet]:
     data = load_images(recipe.dataset)
     # the source that training runs: data, schedule, training loop and the network
-    code = (load_images, train_ddpm, Schedule, _lr_at, unet.TinyUNet, unet.ResBlock, unet.timestep_embedding, unet._norm)
+    code = (load_images, train_ddpm, Schedule, _lr_at, unet.TinyUNet, unet.ResBlock, unet.timestep_embedding,
+            unet._norm)
     model, record = cached_train("ddpm", recipe, data, cache_dir, train_ddpm, recipe.build, code)
     return model, record, data
