@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bench import record, registry, resources
+from bench import preflight, record, registry
 from bench.errors import BenchError, did_you_mean, unknown_choice
 
 
@@ -177,7 +177,7 @@ def _main(argv: list[str]) -> None:
         check_choices(argv)
         check_overrides(argv)
         if not any(a in _NO_RUN_FLAGS for a in argv):  # Hydra creates its output folder there before bench runs
-            resources.writable_dir(resources.results_dir_from(argv))
+            preflight.writable_dir(preflight.results_dir_from(argv))
     except BenchError as e:
         _fail(e)
     # imported after the checks above, so that a typo is reported before torch and MLflow load
@@ -188,7 +188,7 @@ def _main(argv: list[str]) -> None:
         return
     # A sweep: one id for all cells, and the MLflow store created/migrated once before any worker starts.
     sid = os.environ.setdefault(record.SWEEP_ENV, sweep.new_sweep_id())
-    results = resources.results_dir_from(argv)
+    results = preflight.results_dir_from(argv)
     tracking.setup(results)
     _hydra_main()
     sweep.print_summary_and_exit(results, sid)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import NotApplicable
+from bench.layer_format import ActFormat, LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -147,7 +148,8 @@ class BinaryConvMethod(Method):
     family: ClassVar[str] = "binarization"
     applies_to: ClassVar[tuple[str, ...]] = ("image_sr", "image_classifier")
     needs_calibration: ClassVar[bool] = True
-    layer_format_name: ClassVar[str] = "binary-1bit-chscale-fp16+a1"
+    # 1 bit + an fp16 scale per output channel, binary inputs (the method's sign of the activations)
+    layer_format: ClassVar[LayerFormat] = LayerFormat.binary("binary-1bit-chscale-fp16", act=ActFormat(1, "binary"))
 
     def check_applicable(self, model) -> None:
         if not any(isinstance(m, nn.Conv2d) for m in model.module.modules()):
@@ -206,7 +208,8 @@ class BinaryConvMethod(Method):
                 packed.per_layer.append({**layer_stats(ref, ref.module.weight, effective),
                                          "shortcut": layer.shortcut, "input_mean_abs": mags[ref.name]})
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = self.layer_format_name + ("+shortcut" if layer.shortcut else "")
+                packed.layer_format[ref.name] = self.layer_format.with_notes("shortcut") if layer.shortcut \
+                    else self.layer_format
         student.eval()
         packed.training = record
         kept = [r.name for r in model.adapter.linears() if r.name not in packed.layers]

@@ -8,10 +8,12 @@
   over the valid region of the filtered map (the BasicSR / KAIR implementation), on one channel.
 - MACs: multiply-accumulates of every Conv2d and Linear for one forward pass of a given input, counted from
   the layers' real output shapes by forward hooks. NTIRE's efficient-SR reports call these "FLOPs".
+- Sample grids: generated images in [-1, 1] as one PNG for the record.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,21 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
         for h in handles:
             h.remove()
     return total
+
+
+def save_grid(images: torch.Tensor, path: Path, cols: int = 16, upscale: int = 4) -> Path:
+    """A PNG grid of images in [-1, 1] (first rows x cols samples), nearest-upscaled for viewing."""
+    from PIL import Image
+
+    n = min(images.shape[0], cols * cols)
+    rows = math.ceil(n / cols)
+    side = images.shape[-1]
+    grid = np.ones((rows * (side + 1) + 1, cols * (side + 1) + 1), dtype=np.uint8) * 128
+    arr = ((images[:n, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[1 + r * (side + 1):1 + r * (side + 1) + side, 1 + c * (side + 1):1 + c * (side + 1) + side] = arr[i]
+    img = Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path

@@ -9,12 +9,13 @@ storage dtype).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from bench.errors import ArtifactCorrupt
+from bench.layer_format import LayerFormat
 from bench.models import LoadedModel
 from bench.training import TrainingRecord
 
@@ -22,34 +23,6 @@ from bench.training import TrainingRecord
 EXECUTION_DENSE = "dense"  # ordinary fp32 matmuls on uncompressed weights
 EXECUTION_FAKE_QUANT = "fake-quant"  # fp32 matmuls on dequantized weights: accuracy is real, speed is not
 EXECUTION_SPARSE_AS_DENSE = "dense-zeros"  # pruned weights run as dense fp32 matmuls: no sparse kernel, no speed-up
-
-# Words of the methods' layer-format labels (`Packed.layer_format`) that backends read to decide what runs.
-_BINARY_WORDS = ("sign", "xnor", "binary", "1bit", "onebit", "billm", "pbllm")
-_FLOAT_WEIGHTS = re.compile(r"(^|[-_])(fp\d|e\dm\d|minifloat|nf\d|bitmod)")
-RECOVERY_SUFFIX = re.compile(r"\+(lora|dora|rora)\d*")  # bench/recover.py's suffix
-_INT_WEIGHTS = re.compile(r"(?:^|-)int(\d+)(avg)?(?:-|$)")  # "-int3avg-": per-column mixed widths (baq)
-
-
-def special_weights(label: str) -> str | None:
-    """What a layer-format label's weights (the part before any '+') are when they are not an integer grid:
-    'binary', 'ternary' or 'float'; else None. Binary words win: "sign-1bit-rowscale-fp16" is binary with fp16
-    scales."""
-    weights = label.lower().split("+")[0]
-    if any(w in weights for w in _BINARY_WORDS):
-        return "binary"
-    if "ternary" in weights:
-        return "ternary"
-    if _FLOAT_WEIGHTS.search(weights):
-        return "float"
-    return None
-
-
-def int_weight_bits(label: str) -> tuple[int, bool] | None:
-    """(bits, mixed) of a layer-format label's integer weight grid ("gptq-int4-asym-g128" -> (4, False),
-    "baq-int3avg-layer-rowminmax" -> (3, True): an average over per-column widths), else None."""
-    m = _INT_WEIGHTS.search(label.lower().split("+")[0])
-    return (int(m.group(1)), bool(m.group(2))) if m else None
-
 
 @dataclass
 class StorageReport:
@@ -84,7 +57,7 @@ class Packed:
     execution: str
     # compressed layer name -> its stored tensors (packed codes, fp16 scales, ...)
     layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    layer_format: dict[str, str] = field(default_factory=dict)
+    layer_format: dict[str, LayerFormat] = field(default_factory=dict)  # compressed layer -> its format
     per_layer: list[dict] = field(default_factory=list)  # statistics, logged as an artifact
     info: dict = field(default_factory=dict)  # method-specific facts for the record (numbers become method.*)
     extra_metadata: dict[str, str] = field(default_factory=dict)  # what a restore needs besides tensors
@@ -119,8 +92,18 @@ class Packed:
         return StorageReport(n_weights, linear, other, base.info["n_params"])
 
     def metadata(self) -> dict[str, str]:
-        return {"method": self.method, "execution": self.execution, "layer_format": json.dumps(self.layer_format),
+        formats = {k: v.to_json() for k, v in self.layer_format.items()}
+        return {"method": self.method, "execution": self.execution, "layer_format": json.dumps(formats),
                 **self.extra_metadata}
+
+
+def read_layer_formats(metadata: dict[str, str]) -> dict[str, LayerFormat]:
+    """The layer formats of an artifact's metadata (`Packed.metadata`), typed; label strings of artifacts written
+    before formats were typed are parsed (`LayerFormat.from_label`)."""
+    try:
+        return {k: LayerFormat.from_json(v) for k, v in json.loads(metadata.get("layer_format", "{}")).items()}
+    except (ValueError, TypeError) as e:
+        raise ArtifactCorrupt(f"the artifact's layer formats cannot be read ({e})", "it will be rebuilt") from None
 
 
 def layer_stats(ref, w: torch.Tensor, wq: torch.Tensor) -> dict:

@@ -1,10 +1,9 @@
-"""The plug-in contracts: Method, Task, Backend. One module + one YAML each under methods/, tasks/,
+"""The plug-in contracts: Method, Task, HardwareBackend. One module + one YAML each under methods/, tasks/,
 hardware/. Each plug-in class is a dataclass built by Hydra from its YAML (`_target_`) and validates
 itself in `__post_init__`. Plug-ins never import each other; data flows one way (see DESIGN.md)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -16,7 +15,7 @@ from bench.errors import ArtifactCorrupt, NotApplicable
 from bench.metrics import Metric
 from bench.models import LoadedModel
 from bench.models.adapter import LinearRef
-from bench.packed import EXECUTION_FAKE_QUANT, Packed
+from bench.packed import EXECUTION_FAKE_QUANT, Packed, read_layer_formats
 from bench.reference import Reference
 
 
@@ -45,7 +44,7 @@ class Method:
     def restore(self, model: LoadedModel, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Packed:
         """Rebuild the runnable model from a stored artifact (the compressed-model cache). `model` is a
         fresh copy of the base model; its other parameters are overwritten from the artifact too."""
-        layer_format = json.loads(metadata.get("layer_format", "{}"))
+        layer_format = read_layer_formats(metadata)
         stored: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layer_format}
         kept = {}
         for key, t in tensors.items():
@@ -136,7 +135,10 @@ class Measurement:
 
 
 @dataclass
-class Backend:
+class HardwareBackend:
+    """A `hardware=` choice: where and how the packed model runs (a CPU with torch or real low-bit kernels, a GPU, a
+    mobile runtime, a simulated accelerator), what it can execute, and its measurements."""
+
     name: str
     # What this backend really executes. A packed model needing something not listed is `unsupported`.
     capabilities: ClassVar[dict] = {}

@@ -21,6 +21,7 @@ from torch import nn
 
 from bench.distill import distill, kd_logits
 from bench.errors import ConfigError, NotApplicable, check_range
+from bench.layer_format import AdapterBranch
 from bench.training import TrainingRecord
 
 VARIANTS = ("none", "lora", "dora", "rora")
@@ -87,8 +88,8 @@ class Recovery:
                 t = _get(ref.module, attr)
                 if t is not None:
                     packed.layers[ref.name][key] = t.detach().half()
-        suffix = f"+{self.name}{self.rank}"
-        packed.layer_format = {k: v + suffix for k, v in packed.layer_format.items()}
+        branch = AdapterBranch(self.name, self.rank)
+        packed.layer_format = {k: v.with_adapter(branch) for k, v in packed.layer_format.items()}
         packed.training = TrainingRecord().add(packed.training).add(history)  # after the method's own stages
         return packed
 

@@ -2,7 +2,7 @@
 
 Choices for a group come from bench's own `configs/`, from third-party packages that declare an entry point
 in the `bench.plugins` group (pointing at a package holding their own `<group>/<name>.yaml` files; the
-`bench_plugin_searchpath` resolver in bench/app.py adds the same packages to Hydra's search path), and from any
+`bench_plugin_searchpath` resolver registered below adds the same packages to Hydra's search path), and from any
 `hydra.searchpath=[file://...]` given on the command line. `python -m bench method=nope` prints the real
 choices and the nearest name.
 """

@@ -35,10 +35,10 @@ from omegaconf import DictConfig, OmegaConf
 from bench import calib as calib_mod
 from bench import recover as recover_mod
 from bench.recover import Recovery
-from bench import models, precision, record, resources, tracking
+from bench import models, precision, preflight, record, tracking
 from bench.cache import ArtifactStore, content_key, file_sha256
 from bench.errors import ArtifactCorrupt, BenchError, ConfigError, NumericalFailure, did_you_mean
-from bench.plugins import Backend, Method, Task
+from bench.plugins import HardwareBackend, Method, Task
 from bench.record import CellResult
 from bench.reference import Reference
 from bench.reproduce import Launch, reproduce
@@ -97,12 +97,30 @@ def set_determinism(seed: int, threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
+# core modules whose code computes a method's artifact (family toolkits, quantizers, distillation)
+TOOLKIT_MODULES = ("bench.compress.", "bench.quant.", "bench.distill", "bench.binary_conv")
+
+
+def method_code_files(cls: type) -> list[str]:
+    """The source files that compute a method's artifact: the modules of its classes (bench.plugins' contract
+    excepted) and the toolkit modules those modules use."""
+    modules = {c.__module__ for c in cls.__mro__
+               if c.__module__.startswith("bench.") and c.__module__ != "bench.plugins"}
+    for name in list(modules):
+        for value in vars(sys.modules[name]).values():
+            used = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(used, str) and used.startswith(TOOLKIT_MODULES):
+                modules.add(used)
+    return sorted(f for f in (inspect.getsourcefile(sys.modules[m]) for m in modules) if f)
+
+
 def method_code_hash(method: Method) -> str:
-    """Part of the cache key: a change to the method's code invalidates its cached artifacts."""
+    """Part of the cache key: a change to the code that computes the method's artifact (its module, its base
+    classes' modules, the toolkits they use) invalidates its cached artifacts."""
     hashes = []
     for obj in method.code_objects():
-        src = inspect.getsourcefile(type(obj))
-        hashes.append(file_sha256(src)[:16] if src else "unknown")
+        files = method_code_files(type(obj))
+        hashes.append(content_key(*(file_sha256(f) for f in files))[:16] if files else "unknown")
     return "-".join(hashes)
 
 
@@ -117,7 +135,7 @@ class Runner:
         self.data_root = cfg.paths.data_root
         self.method: Method = build(cfg.method, "method")
         self.task: Task = build(cfg.task, "task")
-        self.backend: Backend = build(cfg.hardware, "hardware")
+        self.backend: HardwareBackend = build(cfg.hardware, "hardware")
         self.budget = build(cfg.budget, "budget")
         self.calib_spec = build(cfg.calib, "calib")
         self.model_spec = build(cfg.model, "model")
@@ -357,7 +375,7 @@ class Runner:
         set_determinism(self.cfg.seed, self.cfg.threads)
         tracking.setup(self.results)
         t0 = time.perf_counter()
-        resources.check_fits(self.model_spec)  # estimated from the weight files, before loading them
+        preflight.check_fits(self.model_spec)  # estimated from the weight files, before loading them
         model = models.load(self.model_spec, self.data_root)
         load_s = time.perf_counter() - t0
         self.method.check_applicable(model)  # before the baseline is measured, not after

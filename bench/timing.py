@@ -2,7 +2,8 @@
 `min_seconds` are reached; p50/p90 and the coefficient of variation. Language models are timed as a prefill
 of the workload's prompt and as greedy decoding of `decode_tokens` tokens after it (per token = run minus
 the prefill's median, over the tokens). A backend passes its own clock (`one`, seconds for one call of fn),
-e.g. CUDA events; the default is the wall clock."""
+e.g. CUDA events; the default is the wall clock. `TimedBackend` holds the protocol's settings for every backend that
+times a model (their YAMLs take them from configs/hardware/timing/default.yaml)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
+
+from bench.errors import ConfigError
+from bench.plugins import HardwareBackend
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -42,6 +46,25 @@ class Timer:
         while len(times) < self.min_reps or time.perf_counter() - start < self.min_seconds:
             times.append(self.one(fn))
         return times
+
+
+@dataclass
+class TimedBackend(HardwareBackend):
+    """A backend that times the model on this machine with the protocol above."""
+
+    threads: int = 2  # torch (and runtime) intra-op threads, recorded
+    warmup: int = 1
+    min_reps: int = 3
+    min_seconds: float = 2.0
+
+    def __post_init__(self):
+        if self.threads < 1 or self.warmup < 0 or self.min_reps < 1 or self.min_seconds < 0:
+            raise ConfigError(f"hardware timing needs threads >= 1, warmup >= 0, min_reps >= 1 and min_seconds >= 0 "
+                              f"(got {self.threads}, {self.warmup}, {self.min_reps}, {self.min_seconds})",
+                              "e.g. hardware.threads=2 hardware.warmup=1 hardware.min_reps=3 hardware.min_seconds=2")
+
+    def timer(self, one: Callable[[Callable[[], object]], float] = wall_clock) -> Timer:
+        return Timer(self.warmup, self.min_reps, self.min_seconds, one)
 
 
 def stats(prefix: str, xs: list[float]) -> dict[str, float]:

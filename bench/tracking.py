@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from bench import record
 from bench.errors import ResourceError
-from bench.resources import writable_dir
+from bench.preflight import writable_dir
 
 EXPERIMENT = "bench"
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "lm_eval", "accelerate", "peft", "datasets",

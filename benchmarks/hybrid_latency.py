@@ -10,14 +10,17 @@ Usage: .venv/bin/python benchmarks/hybrid_latency.py [--rounds 15] [--threads 1]
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 
 import torch
+from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
 from timing import interleaved_medians
 
-from bench import diffusion, models
+import bench.app  # noqa: F401  (registers the config's resolvers, as the CLI does)
+from bench import models
 from bench.image import count_macs
-from bench.methods.hybrid_sd import HybridSD
+from bench.sampler import SampleAll, model_schedule, seeded_noise
 
 
 def main() -> None:
@@ -28,14 +31,16 @@ def main() -> None:
     ap.add_argument("--results", default="results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    large = models.load(diffusion.load_model_config("ddpm_digits", args.results))
-    sched = diffusion.model_schedule(large)
-    x = diffusion.seeded_noise(1, large.info["image_side"], 1234)
+    with initialize_config_module("bench.configs", version_base=None):  # the run config, as the CLI composes it
+        cfg = compose("config", overrides=["model=ddpm_digits", "method=hybrid_sd", f"paths.results={args.results}"])
+    large = models.load(instantiate(cfg.model))
+    hybrid = instantiate(cfg.method, _convert_="all")
+    sched = model_schedule(large)
+    x = seeded_noise(1, large.info["image_side"], 1234)
     samplers, macs = {}, {}
     for k in (args.steps, 40, 25, 10, 0):
-        m = models.with_module(large, copy.deepcopy(large.module))
-        HybridSD(large_steps=k, total_steps=args.steps).compress(m, None, None)
-        s = diffusion.SampleAll(m.module, sched, args.steps)
+        method = dataclasses.replace(hybrid, large_steps=k, total_steps=args.steps)
+        s = SampleAll(method.compress(models.clone(large), None, None).model, sched, args.steps)
         samplers[f"large {k:2d} / small {args.steps - k:2d}"] = torch.no_grad()(lambda s=s: s(x))
         macs[f"large {k:2d} / small {args.steps - k:2d}"] = count_macs(s, x)
     med = interleaved_medians(samplers, args.rounds)

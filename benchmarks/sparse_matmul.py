@@ -21,7 +21,7 @@ import torch
 from timing import interleaved_medians
 
 from bench import models
-from bench.sparsity import Pattern, keep_top
+from bench.compress.sparsity import Pattern, keep_top
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in): q/o, k/v, gate/up, down
 

@@ -19,31 +19,19 @@ from typing import ClassVar
 import torch
 
 from bench import energy, timing
-from bench.errors import ConfigError
 from bench.packed import Packed
-from bench.plugins import Backend, Measurement, Workload
+from bench.plugins import Measurement, Workload
+from bench.timing import TimedBackend
 
 
 @dataclass
-class CpuBackend(Backend):
+class CpuBackend(TimedBackend):
     name: str = "cpu"
-    threads: int = 2
-    warmup: int = 1
-    min_reps: int = 3
-    min_seconds: float = 2.0
     capabilities: ClassVar[dict] = {
         "weight_formats": ["fp32", "fp16-storage"], "activation_formats": ["fp32"],
         "low_bit_kernels": [], "binary_ops": False, "sparsity": [],
         "executes_compressed_as": "fake-quant (fp32 matmul on dequantized weights)",
     }
-
-    def __post_init__(self):
-        if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0:
-            raise ConfigError("hardware threads/min_reps must be positive", "e.g. hardware.threads=2")
-
-    @property
-    def timer(self) -> timing.Timer:
-        return timing.Timer(self.warmup, self.min_reps, self.min_seconds)
 
     def _tags(self, packed: Packed) -> dict[str, str]:
         return {"execution": packed.execution, "threads": str(self.threads),
@@ -58,7 +46,7 @@ class CpuBackend(Backend):
             return self._measure_diffusion(packed, workload)
         model = packed.model
         rapl = energy.RaplMeter().start()
-        lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens, self.timer)
+        lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens, self.timer())
         m, pre_p50, n_prompt = lat.metrics, lat.prefill_p50_s, lat.n_prompt
         memory, n_weights = timing.host_memory(model)
         m.update(memory)
@@ -87,7 +75,7 @@ class CpuBackend(Backend):
 
         model, x = packed.model, workload.inputs
         rapl = energy.RaplMeter().start()
-        times = self.timer.times(lambda: model(x))
+        times = self.timer().times(lambda: model(x))
         prefix = f"latency.{workload.label or 'forward'}"
         m = timing.stats(prefix, times)
         memory, n_weights = timing.host_memory(model)

@@ -21,7 +21,7 @@ integer codes, scales and zero points (read from the artifact's tensors, never r
   `onednn_per_token`: one oneDNN int8 matmul per group, any width 2..8 (held as int8 at run time).
 Everything else (attention, norms, embeddings, head) stays torch, in the run's precision. The task is
 evaluated again on this model, so the record carries both accuracies and their difference (see
-`Backend.deploy`); the execution string names each kernel (e.g. torch-int8-onednn-amx-int8-ch-a8-per_token,
+`HardwareBackend.deploy`); the execution string names each kernel (e.g. torch-int8-onednn-amx-int8-ch-a8-per_token,
 ort-matmulnbits-int4-b128-acc4) and `onednn_int8_matmul` records oneDNN's implementation where it runs.
 
 Why these defaults (benchmarks/int8_units.py, default model, 1 thread on a shared core, CPU time): on the
@@ -51,7 +51,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
@@ -63,44 +62,50 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from bench import energy, timing
 from bench.errors import ConfigError
-from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, special_weights
-from bench.plugins import Backend, Measurement, Workload
+from bench.layer_format import ActFormat, LayerFormat
+from bench.packed import EXECUTION_DENSE, EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.plugins import Measurement, Workload
 from bench.precision import onednn_matmul_impl
 from bench.quant.integer import load_int_layer
+from bench.timing import TimedBackend
 
 MATMULNBITS_BITS = (2, 4, 8)  # onnxruntime 1.32 refuses other widths at session creation
 MIN_BLOCK, MAX_BLOCK_2BIT = 16, 256
 ACCURACY_LEVELS = {1: "fp32", 4: "int8"}  # MatMulNBits compute type on CPU -> the arithmetic of its MACs
 INT8_KERNELS = ("torch_dynamic", "torch_dynamic_onednn", "onednn_per_token", "ort_matmulnbits")  # per-channel int8
 LOWBIT_KERNELS = ("ort_matmulnbits", "onednn_per_token")  # every other integer grid
-# the methods' activation quantizations (bench.quant.activation) that OnednnInt8Linear computes as they do
-INT8_ACTIVATIONS = {"a8-per_token-dynamic": "per_token", "a8-per_tensor-dynamic": "per_tensor"}
-
-# integer grids whose stored tensors are stored_int_layer's (qweight, scale, qzero, bias, perm)
-_INT_FORMAT = re.compile(r"^(?:(?:gptq|awq|l4q)-)?int(\d)-(sym|asym)-(ch|g\d+)(-actorder)?$")
 
 
-@dataclass(frozen=True)
-class IntGrid:
-    bits: int
-    symmetric: bool
-    group: int | None  # None: per output channel
-
-
-def parse_int_format(label: str) -> IntGrid | None:
-    """The integer grid of a weight-only layer-format label (e.g. gptq-int4-asym-g128-actorder), else None."""
-    m = _INT_FORMAT.match(label)
-    if not m:
+def int8_activations(act: ActFormat | None) -> str | None:
+    """'per_token' or 'per_tensor' where a method quantizes a layer's inputs as OnednnInt8Linear computes them
+    (bench.quant.activation's 8-bit dynamic integers, act_bits=8), else None."""
+    if act is None or (act.kind, act.bits, act.scale, act.detail) != ("int", 8, "dynamic", ()):
         return None
-    return IntGrid(int(m.group(1)), m.group(2) == "sym", None if m.group(3) == "ch" else int(m.group(3)[1:]))
-
+    return act.granularity if act.granularity in ("per_token", "per_tensor") else None
 
 _NO_KERNEL = {"binary": "binary weights ({}): no binary (xnor/popcount) kernel on this backend",
               "ternary": "ternary weights ({}): no ternary kernel on this backend",
               "float": "floating-point weight format ({}): no low-bit float kernel on this backend"}
 
 
-def block_size(grid: IntGrid, in_features: int) -> tuple[int | None, str | None]:
+def format_reason(fmt: LayerFormat) -> str | None:
+    """Why no kernel here runs a layer stored as `fmt`, before its bits and group are looked at (None: it is an
+    integer grid with `stored_int_layer`'s tensors, fp32 or the methods' int8 activations, no adapter branch)."""
+    if fmt.kind in _NO_KERNEL:
+        return _NO_KERNEL[fmt.kind].format(fmt.name)
+    if fmt.act is not None and fmt.act.quantized and int8_activations(fmt.act) is None:
+        return (f"activation quantization (+{fmt.act.label}): the kernels here compute int8 activations only, per "
+                "token or per tensor (the methods' act_bits=8)")
+    if fmt.notes:
+        return f"layer format '{fmt}': no kernel here computes its '+{fmt.notes[0]}' part"
+    if fmt.adapter is not None:
+        return f"recovery adapters (+{fmt.adapter.label}): no kernel path for the adapter branch here"
+    if fmt.kind != "int" or fmt.mixed or fmt.levels or fmt.granularity not in ("channel", "group"):
+        return f"layer format '{fmt}' has no kernel on this backend (it runs int2..int8 integer grids)"
+    return None
+
+
+def block_size(grid: LayerFormat, in_features: int) -> tuple[int | None, str | None]:
     """MatMulNBits' block for this grid, or the reason there is none."""
     if grid.group is None:  # per channel: one block covering the row, zero-padded to a power of two
         b = max(MIN_BLOCK, 1 << math.ceil(math.log2(in_features)))
@@ -317,12 +322,8 @@ class OnednnInt8Linear(nn.Module):
 
 
 @dataclass
-class CpuKernelsBackend(Backend):
+class CpuKernelsBackend(TimedBackend):
     name: str = "cpu_kernels"
-    threads: int = 2
-    warmup: int = 1
-    min_reps: int = 3
-    min_seconds: float = 2.0
     accuracy_level: int = 4  # MatMulNBits compute: 1 = fp32 (fake-quant's function), 4 = int8 activations
     int8_kernel: str = "onednn_per_token"  # weight-only int8 per channel: see INT8_KERNELS
     lowbit_kernel: str = "ort_matmulnbits"  # the other weight-only integer grids: see LOWBIT_KERNELS
@@ -341,8 +342,7 @@ class CpuKernelsBackend(Backend):
         "layers": ["nn.Linear of causal LMs"],
     }
     def __post_init__(self):
-        if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0:
-            raise ConfigError("hardware threads/min_reps must be positive", "e.g. hardware.threads=2")
+        super().__post_init__()
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"hardware.accuracy_level={self.accuracy_level} is not a MatMulNBits CPU compute type "
                               "here", "use 1 (fp32 compute) or 4 (int8 compute)")
@@ -354,31 +354,16 @@ class CpuKernelsBackend(Backend):
                               f"use one of: {', '.join(LOWBIT_KERNELS)}")
 
     # -- what can run ------------------------------------------------------------------------------------
-    def _plan(self, packed: Packed, name: str) -> tuple[str, IntGrid | None, int | None, str | None]:
+    def _plan(self, packed: Packed, name: str) -> tuple[str, LayerFormat | None, int | None, str | None]:
         """(kernel, grid, block, reason): which kernel runs layer `name`, or why none can."""
-        label = packed.layer_format.get(name, "")
+        grid = packed.layer_format.get(name)
         module = packed.model.get_submodule(name)
         if not isinstance(module, nn.Linear):
             return "", None, None, f"layer {name} is a {type(module).__name__}: the kernels here are linear matmuls"
-        weights, *extras = label.split("+")  # "+...": activation quantization, then recovery adapters
-        kind = special_weights(weights)
-        reason = _NO_KERNEL[kind].format(weights) if kind else None
-        grid = parse_int_format(weights)
-        act = [e for e in extras if not RECOVERY_SUFFIX.fullmatch("+" + e)]
-        if not reason and act and not (len(act) == 1 and act[0] in INT8_ACTIVATIONS):
-            reason = (f"activation quantization (+{act[0]}): the kernels here compute int8 activations only, per "
-                      "token or per tensor (the methods' act_bits=8)")
-        if not reason and act and grid is None:
-            reason = (f"activation quantization (+{act[0]}) on '{weights}': the int8 kernel runs it only on the "
-                      "integer grids it reads (int2..int8, e.g. int8-sym-ch)")
-        recovery = [e for e in extras if e not in act]
-        if not reason and recovery:
-            reason = f"recovery adapters (+{recovery[0]}): no kernel path for the adapter branch here"
-        if not reason and grid is None:
-            reason = f"layer format '{label}' has no kernel on this backend (it runs int2/int4/int8 integer grids)"
+        reason = format_reason(grid) if grid is not None else f"layer {name} has no layer format"
         if reason:
             return "", None, None, reason
-        if act:  # the method's own int8 activations: the one kernel that computes them as the method does
+        if int8_activations(grid.act):  # the method's own int8 activations: the one kernel computing them as it does
             return "onednn", grid, None, None
         kernel = self.int8_kernel if grid.bits == 8 and grid.group is None else self.lowbit_kernel
         if kernel == "torch_dynamic_onednn" and not grid.symmetric:
@@ -427,9 +412,8 @@ class CpuKernelsBackend(Backend):
             if perm is not None:  # the kernel's groups are consecutive columns: run the columns in stored order
                 codes = codes[:, perm]
             if kind == "onednn":  # the method's int8 activations if it has them, else per token
-                act = [INT8_ACTIVATIONS[e] for e in packed.layer_format[name].split("+")[1:] if e in INT8_ACTIVATIONS]
                 kernels[id(lin)] = OnednnInt8Linear(codes, stored["scale"], zero, grid.bits, grid.group, perm, bias,
-                                                    act[0] if act else "per_token")
+                                                    int8_activations(grid.act) or "per_token")
                 continue
             kernels[id(lin)] = MatMulNBitsLinear(codes, stored["scale"], zero, grid.bits, block, perm, bias,
                                                  self.accuracy_level, self.threads)
@@ -449,8 +433,7 @@ class CpuKernelsBackend(Backend):
         torch.set_num_threads(self.threads)
         model = packed.model
         rapl = energy.RaplMeter().start()
-        lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens,
-                               timing.Timer(self.warmup, self.min_reps, self.min_seconds))
+        lat = timing.causal_lm(model, workload.prompt_ids, workload.decode_tokens, self.timer())
         m = lat.metrics
         memory, n_torch = timing.host_memory(model)
         kernels = [mod for mod in model.modules() if hasattr(mod, "mac_kind")]

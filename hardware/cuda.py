@@ -25,7 +25,8 @@ import torch
 from bench import energy, timing
 from bench.errors import ConfigError, ResourceError
 from bench.packed import Packed
-from bench.plugins import Backend, Measurement, Workload
+from bench.plugins import Measurement, Workload
+from bench.timing import TimedBackend
 
 
 def cuda_problem(device: int) -> str | None:
@@ -79,13 +80,9 @@ class NvmlMeter:
 
 
 @dataclass
-class CudaBackend(Backend):
+class CudaBackend(TimedBackend):
     name: str = "cuda"
-    device: int = 0
-    threads: int = 2  # host threads (torch intra-op), recorded
-    warmup: int = 1
-    min_reps: int = 3
-    min_seconds: float = 2.0
+    device: int = 0  # threads: the host's torch intra-op threads
     capabilities: ClassVar[dict] = {
         "weight_formats": ["fp32", "fp16-storage"], "activation_formats": ["fp32"],
         "low_bit_kernels": [], "binary_ops": False, "sparsity": [],
@@ -93,8 +90,9 @@ class CudaBackend(Backend):
     }
 
     def __post_init__(self):
-        if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0 or self.device < 0:
-            raise ConfigError("hardware threads/min_reps/device must be positive", "e.g. hardware.device=0")
+        super().__post_init__()
+        if self.device < 0:
+            raise ConfigError(f"hardware.device={self.device} is negative", "e.g. hardware.device=0")
         problem = cuda_problem(self.device)
         if problem:
             raise ResourceError(problem, "run on a machine with a GPU and a CUDA build of torch, or choose "
@@ -107,7 +105,7 @@ class CudaBackend(Backend):
         model = copy.deepcopy(packed.model).to(dev)
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        timer = timing.Timer(self.warmup, self.min_reps, self.min_seconds, one=event_clock)
+        timer = self.timer(one=event_clock)
         meter = NvmlMeter(self.device)
         if meter.handle is not None:
             meter.start()

@@ -1,6 +1,9 @@
-"""`fpga_sim`: an accelerator simulated by ZigZag (zigzag-dse 3.9.1, KU Leuven): per-layer latency (cycles), energy
-(pJ) and MAC utilization of the packed model's Conv/Gemm/MatMul layers on an accelerator described in
-`configs/accelerator/<name>.yaml`, fed with the model's ONNX graph and each layer's real bit-widths.
+"""`fpga_sim`: two simulations of a fixed-point deployment. Costs: an accelerator array simulated by ZigZag
+(zigzag-dse 3.9.1, KU Leuven) - the shipped one, `tpu_like`, is a TPU-v1-like 32x32 systolic MAC array, not an
+FPGA fabric: per-layer latency (cycles), energy (pJ) and MAC utilization of the packed model's Conv/Gemm/MatMul
+layers on the array described in `configs/accelerator/<name>.yaml`, fed with the model's ONNX graph and each
+layer's real bit-widths (`simulate_accelerator`). Accuracy: the FPGA's fixed-point datapath, by hls4ml C
+simulation (`deploy`, below).
 
 Protocol: the packed model is exported to ONNX (torch.onnx, TorchScript exporter, opset 13) at one image of the
 workload's input; each weight layer's operand precisions are set from the packed layer format (`int4-...` -> 4-bit
@@ -65,38 +68,34 @@ from torch import nn
 
 from bench import energy
 from bench.errors import ConfigError
-from bench.packed import EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, int_weight_bits, special_weights
-from bench.plugins import Backend, Measurement, Workload
+from bench.layer_format import LayerFormat
+from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.plugins import HardwareBackend, Measurement, Workload
 
 ACCELERATORS = Path(__file__).resolve().parents[1] / "configs" / "accelerator"
-_ACT = re.compile(r"\+a(\d+)")
 _AP_FIXED = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*(,\s*AP_[A-Z_]+\s*){0,2}>$")
 
 
-def layer_bits(label: str | None, default_bits: int) -> tuple[int, int] | str:
+def layer_bits(fmt: LayerFormat | None, default_bits: int) -> tuple[int, int] | str:
     """(weight bits, activation bits) of a packed layer format, or the reason it cannot be simulated."""
-    if label is None:
+    if fmt is None:
         return default_bits, default_bits
-    low = label.lower()
-    kind = special_weights(label)
-    if kind in ("binary", "ternary"):
-        return f"binary/ternary weights ({label}): the accelerator's MAC array has no XNOR/popcount or sign units"
-    if kind == "float":
-        return f"floating-point low-bit weights ({label}): the accelerator's MAC array multiplies integers"
-    grid = int_weight_bits(label)
-    if grid is None:
-        return f"layer format '{label}' is not an integer grid"
-    if RECOVERY_SUFFIX.search(low):
-        return f"recovery adapters ({label}): the adapter branch is not part of the simulated layer"
-    a = _ACT.search(low)
-    act = int(a.group(1)) if a and int(a.group(1)) < 32 else default_bits
-    if "+" in low and not a:
-        return f"activation format of {label}: the accelerator's MAC array multiplies integers"
-    return grid[0], act
+    if fmt.kind in ("binary", "ternary"):
+        return f"binary/ternary weights ({fmt}): the accelerator's MAC array has no XNOR/popcount or sign units"
+    if fmt.kind == "float":
+        return f"floating-point low-bit weights ({fmt}): the accelerator's MAC array multiplies integers"
+    if fmt.kind != "int" or not float(fmt.bits).is_integer():
+        return f"layer format '{fmt}' is not an integer grid"
+    if fmt.adapter is not None:
+        return f"recovery adapters ({fmt}): the adapter branch is not part of the simulated layer"
+    act = fmt.act
+    if (act is not None and act.kind != "int" and act.bits < 32) or (act is None and fmt.notes):
+        return f"activation format of {fmt}: the accelerator's MAC array multiplies integers"
+    return int(fmt.bits), act.bits if act is not None and act.bits < 32 else default_bits
 
 
 @dataclass
-class FpgaSimBackend(Backend):
+class FpgaSimBackend(HardwareBackend):
     name: str = "fpga_sim"
     accelerator: str = "tpu_like"  # configs/accelerator/<name>.yaml, or a path to such a file
     default_bits: int = 8  # operand width of what the method left unquantized: the array's native width
@@ -151,8 +150,8 @@ class FpgaSimBackend(Backend):
             return "sparse weights: the simulated array computes every zero (no zero skipping)"
         if getattr(packed.model, "config", None) is not None:
             return "fpga_sim simulates image models (their Conv/Gemm ONNX graph); language models are not exported"
-        for layer, label in packed.layer_format.items():
-            bits = layer_bits(label, self.default_bits)
+        for layer, fmt in packed.layer_format.items():
+            bits = layer_bits(fmt, self.default_bits)
             if isinstance(bits, str):
                 return f"{layer}: {bits}"
         return None
@@ -171,10 +170,9 @@ class FpgaSimBackend(Backend):
         if n > self.csim_max_params:
             return (f"{n} parameters > hardware.csim_max_params={self.csim_max_params}: every weight is a C++ array "
                     "and every MAC an ap_fixed operation, too slow to C-simulate the task")
-        for layer, label in packed.layer_format.items():
-            act = _ACT.search(label or "")
-            if label and "+" in label and not (act and int(act.group(1)) >= 32):  # +a32: float activations
-                return (f"{layer}: activation quantization ({label}) uses a float per-tensor scale, not an ap_fixed "
+        for layer, fmt in packed.layer_format.items():
+            if (fmt.act is not None and fmt.act.bits < 32) or fmt.notes or fmt.adapter:  # a32: float activations
+                return (f"{layer}: activation quantization ({fmt}) uses a float per-tensor scale, not an ap_fixed "
                         "type; the C simulation would not run the method's activation grid")
         try:
             import hls4ml  # noqa: F401
@@ -197,7 +195,8 @@ class FpgaSimBackend(Backend):
                       info={**packed.info, "csim": csim, "csim_torch_model": packed.model})
 
     # -- simulation --------------------------------------------------------------------------------------------
-    def simulate(self, model: torch.nn.Module, x: torch.Tensor, layer_format: dict[str, str]) -> list[dict]:
+    def simulate_accelerator(self, model: torch.nn.Module, x: torch.Tensor, layer_format: dict[str, LayerFormat]
+                             ) -> list[dict]:
         """Per weight layer of `model` on input `x` (batch 1): name, bits, cycles, energy_pj, utilization, macs."""
         import onnx
         from onnx import helper
@@ -287,7 +286,8 @@ class FpgaSimBackend(Backend):
         _quiet_zigzag()
         csim: HlsCSim | None = packed.info.get("csim")
         # ZigZag costs the torch graph at the stored widths, also when the deployed model is the C simulation
-        layers = self.simulate(packed.info.get("csim_torch_model", packed.model), workload.inputs, packed.layer_format)
+        layers = self.simulate_accelerator(packed.info.get("csim_torch_model", packed.model), workload.inputs,
+                                           packed.layer_format)
         label = workload.label or "forward"
         cycles = sum(layer["cycles"] for layer in layers)
         pj = sum(layer["energy_pj"] for layer in layers)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -54,8 +53,10 @@ from torch import nn
 from bench import energy, timing
 from bench.calib import CalibSpec
 from bench.errors import BenchError, ConfigError, ResourceError
-from bench.packed import EXECUTION_SPARSE_AS_DENSE, RECOVERY_SUFFIX, Packed, int_weight_bits, special_weights
-from bench.plugins import Backend, Measurement, Workload
+from bench.layer_format import LayerFormat
+from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.plugins import Measurement, Workload
+from bench.timing import TimedBackend
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("tflite_convert.py")
@@ -67,49 +68,46 @@ RECIPES = {
     "dynamic_int8": (8, "int8-dynamic", "int8"), "weight_only_int8": (8, "fp32", "fp32"),
     "weight_only_int4": (4, "fp32", "fp32"), "full_int8": (8, "int8-static", "int8"),
 }
-_ACT = re.compile(r"\+(?:a(\d+)|([a-z]\w*))")
 
 
 class LiteRTMissing(ResourceError):
     """The converter venv is not there."""
 
 
-def layer_reason(label: str, recipe: str) -> str | None:
-    """Why `recipe` on LiteRT cannot execute a layer stored as `label` (None: it can)."""
-    low = label.lower()
-    kind = special_weights(label)
-    if kind in ("binary", "ternary"):
-        return f"binary/ternary weights ({label}): LiteRT has no binary or ternary kernel"
-    if kind == "float":
-        return f"floating-point low-bit weights ({label}): LiteRT has no FP8/FP6/FP4 kernel"
-    grid = int_weight_bits(label)
-    if grid is None:
-        return f"layer format '{label}' is not an integer grid LiteRT executes"
-    bits, mixed = grid
+def layer_reason(fmt: LayerFormat, recipe: str) -> str | None:
+    """Why `recipe` on LiteRT cannot execute a layer stored as `fmt` (None: it can)."""
+    if fmt.kind in ("binary", "ternary"):
+        return f"binary/ternary weights ({fmt}): LiteRT has no binary or ternary kernel"
+    if fmt.kind == "float":
+        return f"floating-point low-bit weights ({fmt}): LiteRT has no FP8/FP6/FP4 kernel"
+    if fmt.kind != "int" or not float(fmt.bits).is_integer():
+        return f"layer format '{fmt}' is not an integer grid LiteRT executes"
+    bits = int(fmt.bits)
     w_bits, acts, _ = RECIPES[recipe]
-    if mixed:
-        return f"per-column mixed bit-widths ({label}): a LiteRT tensor has one integer width"
+    if fmt.mixed:
+        return f"per-column mixed bit-widths ({fmt}): a LiteRT tensor has one integer width"
     if bits < 4:
-        return f"{bits}-bit weights ({label}): LiteRT's integer kernels take int4 and int8 weights"
+        return f"{bits}-bit weights ({fmt}): LiteRT's integer kernels take int4 and int8 weights"
     if w_bits >= 16:
-        return (f"{bits}-bit weights ({label}) under recipe {recipe} would run dequantized in float (fake-quant); "
+        return (f"{bits}-bit weights ({fmt}) under recipe {recipe} would run dequantized in float (fake-quant); "
                 f"use hardware.recipe={'weight_only_int4' if bits == 4 else 'dynamic_int8'}")
     if bits > w_bits:
-        return f"{bits}-bit weights ({label}) do not fit recipe {recipe}'s int{w_bits} grid; use an int8 recipe"
-    if RECOVERY_SUFFIX.search(low):
-        return f"recovery adapters ({label}): the recipe would quantize the adapter branch, unlike the method"
-    a = _ACT.search(low)
-    if a and a.group(0) not in ("+a16", "+a32"):
-        if a.group(2) or int(a.group(1)) != 8:
-            return f"activations {a.group(0)[1:]} ({label}): LiteRT quantizes activations to int8 only"
+        return f"{bits}-bit weights ({fmt}) do not fit recipe {recipe}'s int{w_bits} grid; use an int8 recipe"
+    if fmt.adapter is not None:
+        return f"recovery adapters ({fmt}): the recipe would quantize the adapter branch, unlike the method"
+    act = fmt.act
+    if act is not None and act.bits < 16:
+        if act.kind != "int" or act.bits != 8:
+            return f"activations {act.name or f'a{act.bits}'} ({fmt}): LiteRT quantizes activations to int8 only"
         if acts == "fp32":
-            return f"8-bit activations ({label}) under recipe {recipe} would run in fp32; use dynamic_int8 or full_int8"
-    grid = low.split("+")[0]
-    if bits == w_bits and ("-asym" in grid or re.search(r"-g\d+", grid)):
+            return f"8-bit activations ({fmt}) under recipe {recipe} would run in fp32; use dynamic_int8 or full_int8"
+    elif act is None and fmt.notes:
+        return f"activations {fmt.notes[0]} ({fmt}): LiteRT quantizes activations to int8 only"
+    if bits == w_bits and (not fmt.symmetric or fmt.granularity == "group"):
         # ai-edge-quantizer's recipes quantize weights CHANNELWISE symmetric from the float weights they are given:
         # at the method's own width a grouped or asymmetric grid is replaced by a coarser one, not executed
         # (measured: rtn int4-asym-g128 on the default LM, ppl 42.6 fake-quant, 212.4 on the .tflite file)
-        return (f"{label} under recipe {recipe}: LiteRT re-quantizes int{w_bits} weights per output channel, "
+        return (f"{fmt} under recipe {recipe}: LiteRT re-quantizes int{w_bits} weights per output channel, "
                 "symmetric, so the method's grouped/asymmetric codes would not be what runs; use a per-channel "
                 "symmetric grid (e.g. method.group_size=-1 method.symmetric=true) or an int8 recipe for 4-bit grids")
     return None
@@ -131,13 +129,9 @@ class _Logits(nn.Module):
 
 
 @dataclass
-class TfliteBackend(Backend):
+class TfliteBackend(TimedBackend):
     name: str = "tflite"
     recipe: str = "fp32"
-    threads: int = 1
-    warmup: int = 1
-    min_reps: int = 3
-    min_seconds: float = 2.0
     venv: str | None = None  # the converter venv; default <repo>/.venv-litert
     cache_dir: str | None = None  # converted files; default a temporary directory
     calib: CalibSpec | None = None  # full_int8 calibration images (the run's calib set)
@@ -155,8 +149,9 @@ class TfliteBackend(Backend):
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ConfigError(f"hardware.recipe={self.recipe} is unknown", f"choices: {', '.join(RECIPES)}")
-        if self.threads <= 0 or self.min_reps <= 0 or self.min_seconds < 0 or self.calib_samples <= 0:
-            raise ConfigError("hardware threads/min_reps/calib_samples must be positive", "e.g. hardware.threads=1")
+        super().__post_init__()
+        if self.calib_samples < 1:
+            raise ConfigError(f"hardware.calib_samples={self.calib_samples} must be positive", "e.g. 32")
         self.check_venv()  # before any model is loaded or run recorded
 
     # -- the converter venv ----------------------------------------------------------------------------
@@ -176,8 +171,8 @@ class TfliteBackend(Backend):
         if self.recipe == "full_int8" and is_causal_lm(packed.model):
             return ("full_int8 on a language model: calibration needs token windows and a backend gets no "
                     "tokenizer; use dynamic_int8")
-        for layer, label in packed.layer_format.items():
-            reason = layer_reason(label, self.recipe)
+        for layer, fmt in packed.layer_format.items():
+            reason = layer_reason(fmt, self.recipe)
             if reason:
                 return f"{layer}: {reason}"
         return None
@@ -203,7 +198,7 @@ class TfliteBackend(Backend):
                 return Measurement(unsupported=reason)
             packed = self.deploy(packed)
             runner = packed.info["tflite"]
-        timer = timing.Timer(self.warmup, self.min_reps, self.min_seconds)
+        timer = self.timer()
         x = workload.inputs if workload.kind == "image" else workload.prompt_ids
         interp = runner.set_input(x)
         rapl = energy.RaplMeter().start()
@@ -394,7 +389,7 @@ class LiteRTModel:
 
     def _strip_activation_hooks(self) -> list:
         saved = []
-        names = {n for n, label in self.packed.layer_format.items() if _ACT.search(label.lower())}
+        names = {n for n, fmt in self.packed.layer_format.items() if fmt.act is not None or fmt.notes or fmt.adapter}
         for name, mod in self.packed.model.named_modules():
             if name in names and mod._forward_pre_hooks:
                 saved.append((mod, dict(mod._forward_pre_hooks)))

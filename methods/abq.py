@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bench.errors import ConfigError, check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -138,10 +139,9 @@ class ABQ(ActivationQuantized, Method):
     def levels(self) -> int:
         return 2**self.bits + 1 if self.bits == 2 and self.bit_balance else 2**self.bits
 
-    def fmt(self) -> str:
-        g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
-        grid = f"int{self.bits}" + ("-5level" if self.levels == 5 else "")
-        return f"abq-{grid}-asym-{g}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, False, prefix="abq",
+                                    levels=self.levels if self.levels != 2**self.bits else None)
 
     # --- compression ---------------------------------------------------------------------------------
     def compress(self, model, calib, budget) -> Packed:
@@ -232,7 +232,7 @@ class ABQ(ActivationQuantized, Method):
                 block.get_parameter(name).data.copy_(value if name in linear_weights else value.half().float())
             for role, r in refs.items():
                 packed.layers[r.name] = {**stored[role], **stored_bias(r.module)}
-                packed.layer_format[r.name] = self.fmt()
+                packed.layer_format[r.name] = self.layer_format()
             # 3. next block's inputs: the quantized block (activation quantization on) on the quantized input
             hooks = self._act_hooks(refs, ste=False)
             try:

@@ -27,8 +27,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.methods.rtn import RTN
-from bench.methods.smoothquant import scale_norm_
+from bench.compress.rtn import RTNBase, scale_norm_
+from bench.layer_format import LayerFormat
 from bench.precision import fp32
 from bench.progress import each_block
 from bench.quant import quantize_rtn, resolve_group_size
@@ -75,15 +75,15 @@ def _output_error(consumer: nn.Module, linears: list[nn.Module], x: torch.Tensor
 
 
 @dataclass
-class AWQ(RTN):
+class AWQ(RTNBase):
     name: str = "awq"
     clip: bool = True
     family: ClassVar[str] = "quantization"
     paper: ClassVar[str] = "Lin et al., AWQ: Activation-aware Weight Quantization (MLSys 2024)"
     needs_calibration: ClassVar[bool] = True
 
-    def fmt(self) -> str:
-        return f"awq-{super().fmt()}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, self.symmetric, prefix="awq")
 
     def _fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return quantize_rtn(w, self.bits, self.group_size, self.symmetric).dequantize()

@@ -29,8 +29,9 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.hessian import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
 from bench.errors import ConfigError, check_range
-from bench.methods.gptq import block_hessians, gptq_sweep, inverse_hessian_factor, without_dead_columns
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -141,12 +142,17 @@ class BAQ(Method):
                                          "zero_bit_columns": int((col_bits == 0).sum())})
                 w.copy_(deq)
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = f"baq-int{self.bits:g}avg-{self.scope}-rowminmax"
+                packed.layer_format[ref.name] = self.layer_format()
             inputs.hidden = [adapter.run_block(b, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)]
         n = sum(sens[k].rows * sens[k].log2_a.numel() for k in names)
         packed.info["average_code_bits"] = sum(float(allocation[k].sum()) * sens[k].rows for k in names) / n
         packed.info["calib_tokens"] = int(calib.windows.numel())
         return packed
+
+    def layer_format(self) -> LayerFormat:
+        """Per-column widths averaging `bits`, each column on its row's [min, max] (fp16) grid."""
+        return LayerFormat("int", self.bits, f"baq-int{self.bits:g}avg-{self.scope}-rowminmax", "channel",
+                           symmetric=False, mixed=True)
 
     @fp32  # fp32: Hessian factor and the GPTQ column sweep
     def _quantize_layer(self, weight, H, col_bits, layer):

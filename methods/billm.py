@@ -30,28 +30,18 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from bench.compress.hessian import inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.errors import check_range
-from bench.methods.gptq import inverse_hessian_factor, quantize_blockwise, without_dead_columns
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
+from bench.quant.binary import binarize_rows
 from bench.quant.integer import restore_bias, stored_bias
 
 N_PARAMS = 8  # per row and column block: (a, m) x {concentrated, sparse, salient order 1, salient order 2}
 SPLIT_QUANTILES = torch.linspace(0.10, 0.90, 81)
-
-
-def binarize_rows(w: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One binarization of the masked entries of each row: w ~ a * b + m with m the row's masked mean and a
-    the mean |w - m|, both rounded to fp16 (stored); b = +1 where w >= m. Returns the approximation (zero
-    outside the mask), the signs (bool) and the (a, m) pair per row."""
-    count = mask.sum(dim=1).clamp(min=1)
-    m = ((w * mask).sum(dim=1) / count).half().float()
-    a = (((w - m[:, None]).abs() * mask).sum(dim=1) / count).half().float()
-    positive = w >= m[:, None]
-    approx = torch.where(positive, a[:, None], -a[:, None]) + m[:, None]
-    return approx * mask, positive, torch.stack([a, m], dim=1)
 
 
 def residual_binarize(w: torch.Tensor, mask: torch.Tensor, order: int):
@@ -191,7 +181,7 @@ class BiLLM(Method):
             packed.per_layer.append(layer_stats(r, w, deq))
             w.copy_(deq)
             packed.layers[r.name] = {**stored, **stored_bias(r.module)}
-            packed.layer_format[r.name] = f"billm-residual-binary-b{self.block_size}"
+            packed.layer_format[r.name] = LayerFormat.binary(f"billm-residual-binary-b{self.block_size}")
 
         quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         return packed

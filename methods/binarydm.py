@@ -30,14 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import diffusion
 from bench.errors import ConfigError, check_range
+from bench.models import adapter_for
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.binary import clipped_sign
 from bench.quant.integer import restore_bias, stored_bias, weight_matrix
+from bench.sampler import calibration_inputs, heldout_inputs
 from bench.training import StageRecord, Trainer, TrainingRecord, budget_adamw, budget_schedule
 
 
@@ -78,8 +80,7 @@ class BinarizedLayer(nn.Module):
 
 def level_modules(unet: nn.Module) -> list[nn.Module]:
     """The modules whose outputs LRM mimics: each down level's last block, the middle, each up level's last."""
-    out = [level.res[-1] for level in unet.down] + [unet.mid[-1]] + [level.res[-1] for level in unet.up]
-    return out
+    return [level.output for level in adapter_for(unet).levels()]
 
 
 @dataclass
@@ -113,22 +114,20 @@ class BinaryDM(Method):
             return True
         if self.multi_basis == "none":
             return False
-        unet = model.module
-        head = {f"down.0.{n}" for n, _ in unet.down[0].named_modules()}
-        tail = {f"up.{len(unet.up) - 1}.{n}" for n, _ in unet.up[-1].named_modules()}
-        return name in head or name in tail
+        levels = model.adapter.levels()  # head: the first down level, tail: the last up level
+        return name.startswith((f"{levels[0].name}.", f"{levels[-1].name}."))
 
     def compress(self, model, calib, budget) -> Packed:
         import copy
 
-        if not hasattr(model.module, "down"):
+        if not model.adapter.levels():
             raise ConfigError(f"binarydm needs the suite's TinyUNet levels, model '{model.spec.name}' has none",
                               "use model=ddpm_digits")
         teacher = copy.deepcopy(model.module).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        xs, ts = diffusion.calibration_inputs(model, calib, self.calib_steps)
-        heldout = diffusion.heldout_inputs(model, calib, self.calib_steps)  # validation pairs, never trained on
+        xs, ts = calibration_inputs(model, calib, self.calib_steps)
+        heldout = heldout_inputs(model, calib, self.calib_steps)  # validation pairs, never trained on
         refs = self._targets(model)
         wrapped = {}
         for ref in refs:
@@ -157,7 +156,8 @@ class BinaryDM(Method):
                 model.adapter.replace_linear(ref, layer.layer)
                 packed.per_layer.append({**layer_stats(ref, w_fp, wb), "bases": 1 if b2 is None else 2})
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = "binary-2basis-ch" if b2 is not None else "binary-1basis-ch"
+                packed.layer_format[ref.name] = LayerFormat.binary("binary-2basis-ch", 2) if b2 is not None \
+                    else LayerFormat.binary("binary-1basis-ch")
                 n_bits += wb.numel() * (1 if b2 is None else 2)
         for p in student.parameters():
             p.requires_grad_(False)

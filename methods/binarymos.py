@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -128,7 +129,7 @@ class BinaryMoS(Method):
                 eff = m.weight * torch.outer(m.out_scale.mean(0), m.in_scale.mean(0))
                 packed.per_layer.append(layer_stats(ref, w0, eff))
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = f"binarymos-1bit-{self.n_experts}experts-fp16"
+                packed.layer_format[ref.name] = LayerFormat.binary(f"binarymos-1bit-{self.n_experts}experts-fp16")
         packed.training = TrainingRecord([history])
         return packed
 

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -111,7 +112,8 @@ class BitMoD(Method):
             stored = {"qweight": pack_bits(codes, self.bits), "scale": scales, "selector": pack_bits(selectors, 2)}
             stored.update(stored_bias(ref.module))
             packed.layers[ref.name] = stored
-            packed.layer_format[ref.name] = f"bitmod-fp{self.bits}-g{self.group_size}"
+            packed.layer_format[ref.name] = LayerFormat.float_grid(f"fp{self.bits}", self.bits, self.group_size,
+                                                                   prefix="bitmod")
         return self.runtime_hooks(model, packed)
 
     @torch.no_grad()

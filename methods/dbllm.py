@@ -34,6 +34,7 @@ from torch import nn
 
 from bench.distill import distill, frozen_student
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -127,9 +128,9 @@ class DBLLM(Method):
         if self.group_size not in (-1, 0):
             check_range("method.group_size", self.group_size, 1, 1 << 20)
 
-    def fmt(self) -> str:
+    def layer_format(self) -> LayerFormat:
         g = "ch" if self.group_size in (-1, 0) else f"g{self.group_size}"
-        return f"dual-binary-2x1bit-{g}-fp16"
+        return LayerFormat.binary(f"dual-binary-2x1bit-{g}-fp16", planes=2)
 
     def _loss(self, t_out, s_out):
         t, s = t_out.logits.float(), s_out.logits.float()
@@ -162,7 +163,7 @@ class DBLLM(Method):
                                            "plane2": pack_bits(b2.to(torch.uint8), 1),
                                            "alpha1": m.alpha1.half(), "alpha2": m.alpha2.half(),
                                            **stored_bias(ref.module)}
-                packed.layer_format[ref.name] = self.fmt()
+                packed.layer_format[ref.name] = self.layer_format()
         packed.training = TrainingRecord([history])
         packed.info["zero_fraction"] = zeros / model.adapter.n_block_linear_weights()
         return packed

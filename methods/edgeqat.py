@@ -36,6 +36,7 @@ from torch import nn
 
 from bench.distill import distill, kd_logits
 from bench.errors import check_range
+from bench.layer_format import ActFormat, LayerFormat
 from bench.models import adapter_for, round_to_storage
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
@@ -125,8 +126,9 @@ class EdgeQAT(Method):
         for key in ("ce_weight", "kd_weight", "distribution_weight", "entropy_weight"):
             check_range(f"method.{key}", getattr(self, key), 0.0, 1e6)
 
-    def fmt(self) -> str:
-        return f"edgeqat-w{self.bits}-per_tensor-sym+a{self.act_bits}-per_tensor-static"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat("int", self.bits, f"edgeqat-w{self.bits}-per_tensor-sym", "tensor", symmetric=True,
+                           act=ActFormat(self.act_bits, "int", "per_tensor", "static"))
 
     def objective(self) -> str:
         return (f"ce = {self.ce_weight:g} x LM loss + kd = {self.kd_weight:g} x T^2 KL(teacher || student) at "
@@ -203,7 +205,7 @@ class EdgeQAT(Method):
                 stored.update({"act_step": m.a_step.detach().half(), "act_zero": m.a_zero.detach().round().half(),
                                "act_signed": torch.tensor(m.a_signed)})
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = self.fmt()
+                packed.layer_format[ref.name] = self.layer_format()
                 attach_static_act_quant(linear, stored["act_step"], stored["act_zero"], self.act_bits, m.a_signed)
         packed.training = TrainingRecord([history])
         packed.info["activations"] = f"a{self.act_bits}-per_tensor-static"

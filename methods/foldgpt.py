@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.depth import DepthPruning
+from bench.compress.depth import DepthPruning
 from bench.distill import distill, kd_logits
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.models import round_to_storage

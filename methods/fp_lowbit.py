@@ -28,14 +28,15 @@ from typing import ClassVar
 
 import torch
 
-from bench import diffusion
 from bench.errors import ConfigError, check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FloatFormat, decode_float, encode_float, round_to_format
 from bench.quant.integer import restore_bias, stored_bias, weight_matrix
+from bench.sampler import calibration_inputs, layer_inputs
 
 
 def splits(bits: int) -> list[tuple[int, int]]:
@@ -145,8 +146,8 @@ class FPLowBit(Method):
     def compress(self, model, calib, budget) -> Packed:
         packed = Packed(model.module, self.name, self.execution)
         refs = self._targets(model)
-        xs, ts = diffusion.calibration_inputs(model, calib, self.calib_steps)
-        inputs = diffusion.layer_inputs(model.module, refs, xs, ts, self.calib_rows, calib.spec.seed)
+        xs, ts = calibration_inputs(model, calib, self.calib_steps)
+        inputs = layer_inputs(model.module, refs, xs, ts, self.calib_rows, calib.spec.seed)
         chosen: dict[str, str] = {}
         with torch.no_grad(), fp32():  # fp32: H = X^T X, the format search and the rounding
             for ref in refs:
@@ -167,7 +168,7 @@ class FPLowBit(Method):
                                          "bias_equiv_mean": float((fmt.exponent_bias - torch.log2(s)).mean())})
                 w.copy_(wq)
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = f"fp{fmt.bits}_{fmt.name}-ch"
+                packed.layer_format[ref.name] = LayerFormat.float_grid(f"fp{fmt.bits}_{fmt.name}", fmt.bits, -1)
                 chosen[ref.name] = fmt.name
         gains = [p["output_err_learned"] / max(p["output_err_nearest"], 1e-30) for p in packed.per_layer]
         packed.info["rounding_err_ratio_mean"] = sum(gains) / len(gains)

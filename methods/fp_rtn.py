@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, resolve_group_size, unpack_bits
@@ -34,8 +35,8 @@ class FloatRTN(ActivationQuantized, Method):
         float_format(self.format)  # raises a ConfigError naming the formats
         self.check_activation_settings()
 
-    def fmt(self) -> str:
-        return f"{self.format}-{'ch' if self.group_size in (-1, 0) else f'g{self.group_size}'}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.float_grid(self.format, float_format(self.format).bits, self.group_size)
 
     @torch.no_grad()
     def compress(self, model, calib, budget) -> Packed:
@@ -50,7 +51,7 @@ class FloatRTN(ActivationQuantized, Method):
             stored = {"qweight": pack_bits(fq.codes, fmt.bits), "scale": fq.scale}
             stored.update(stored_bias(ref.module))
             packed.layers[ref.name] = stored
-            packed.layer_format[ref.name] = self.fmt()
+            packed.layer_format[ref.name] = self.layer_format()
         return self.runtime_hooks(model, packed)
 
     @torch.no_grad()

@@ -25,8 +25,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from bench.compress.static_ptq import CALIB_BATCH, StaticPTQBase, quantize_weight
 from bench.errors import ConfigError, check_range
-from bench.methods.static_ptq import CALIB_BATCH, StaticPTQ, quantize_weight
 from bench.precision import fp32
 from bench.quant.integer import weight_matrix
 
@@ -76,7 +76,7 @@ def solve_bits(sensitivity: dict[int, np.ndarray], sizes: np.ndarray, size_limit
 
 
 @dataclass
-class HAWQV3(StaticPTQ):
+class HAWQV3(StaticPTQBase):
     name: str = "hawq_v3"
     size_limit: float = 0.5  # 0 = all INT4, 1 = all INT8; 0.5 = an average of 6 bits
     hutchinson_iters: int = 16

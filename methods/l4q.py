@@ -23,12 +23,12 @@ from torch import nn
 
 from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import (expand_groups, fp16_ste, int_format, load_int_layer, restore_bias, round_ste,
-                                 stored_int_layer)
+from bench.quant.integer import expand_groups, fp16_ste, load_int_layer, restore_bias, round_ste, stored_int_layer
 from bench.training import TrainingRecord
 
 
@@ -89,8 +89,8 @@ class L4Q(Method):
         check_range("method.rank", self.rank, 1, 4096)
         check_range("method.alpha", self.alpha, 1e-6, 1e6)
 
-    def fmt(self) -> str:
-        return f"l4q-{int_format(self.bits, self.group_size, False)}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, False, prefix="l4q")
 
     def _loss(self, t_out, s_out):
         return kd_logits(s_out.logits, t_out.logits), {}
@@ -115,7 +115,7 @@ class L4Q(Method):
                 w.copy_(deq)
                 packed.layers[ref.name] = stored_int_layer(codes.to(torch.uint8), m.stored_step().half(),
                                                            m.stored_zero(), self.bits, ref.module.bias)
-                packed.layer_format[ref.name] = self.fmt()
+                packed.layer_format[ref.name] = self.layer_format()
         packed.training = TrainingRecord([history])
         return packed
 

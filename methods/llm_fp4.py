@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError, check_range
+from bench.layer_format import ActFormat, LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -187,11 +188,12 @@ class LLMFP4(Method):
                 stored = {"qweight": pack_bits(codes, self.w_bits), "scale": scale.unsqueeze(1),
                           "w_format": torch.tensor([e, m], dtype=torch.uint8)}
                 stored.update(stored_bias(ref.module))
-                label = f"fp{self.w_bits}-e{e}m{m}-ch"
+                label = LayerFormat.float_grid(f"fp{self.w_bits}-e{e}m{m}", self.w_bits, -1)
                 if act is not None:
                     stored.update(act_bias=act.t.reshape(1).to(torch.float32), act_shift=act.shift.to(torch.uint8),
                                   act_format=torch.tensor([act.e, act.m], dtype=torch.uint8))
-                    label += f"+fp{self.a_bits}-e{act.e}m{act.m}-per_tensor-static-preshifted"
+                    label = label.with_act(ActFormat(self.a_bits, "float", "per_tensor", "static",
+                                                     f"fp{self.a_bits}-e{act.e}m{act.m}", ("preshifted",)))
                 packed.per_layer.append({**layer_stats(ref, w, wq), "w_format": f"e{e}m{m}",
                                          "a_format": f"e{act.e}m{act.m}" if act else None})
                 w.copy_(wq)

@@ -1,6 +1,6 @@
 """`magnitude`: magnitude pruning, the baseline of every LLM pruning paper (e.g. Wanda's and SparseGPT's
 tables): keep the weights with the largest |w|, compared over the whole layer (unstructured) or within each
-group of M inputs of a row (N:M). No calibration, no weight update. Stored sparse (see bench.sparsity)."""
+group of M inputs of a row (N:M). No calibration, no weight update. Stored sparse (see bench.compress.sparsity)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.sparsity import Pruning, keep_top
+from bench.compress.sparsity import Pruning, keep_top
 
 
 @dataclass

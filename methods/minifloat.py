@@ -19,8 +19,9 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.static_ptq import CLIP_GRID, StaticPTQBase, static_activations
 from bench.errors import ConfigError
-from bench.methods.static_ptq import CLIP_GRID, StaticPTQ
+from bench.layer_format import LayerFormat
 from bench.precision import fp32
 from bench.quant import pack_bits, unpack_bits
 from bench.quant.floating import FORMATS, FloatFormat, decode_float, encode_float, round_to_format
@@ -56,7 +57,7 @@ def _scaled_search(x: torch.Tensor, amax: torch.Tensor, fmt: FloatFormat, dim: i
 
 
 @dataclass
-class Minifloat(StaticPTQ):
+class Minifloat(StaticPTQBase):
     name: str = "minifloat"
     w_format: str = "e4m3"
     a_format: str | None = "e4m3"
@@ -70,8 +71,9 @@ class Minifloat(StaticPTQ):
     def layer_bits(self, model, refs, calib):
         return {r.name: (self.w_format, self.a_format) for r in refs}
 
-    def layer_format(self, w_spec, a_spec) -> str:
-        return f"{w_spec}-ch+" + (f"{a_spec}-per_tensor-static" if a_spec else "a32")
+    def layer_format(self, w_spec, a_spec) -> LayerFormat:
+        grid = LayerFormat.float_grid(w_spec, minifloat(w_spec).bits, -1)
+        return grid.with_act(static_activations(a_spec and minifloat(a_spec).bits, a_spec or ""))
 
     def bit_width(self, w_spec) -> int:
         return minifloat(w_spec).bits

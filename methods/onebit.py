@@ -30,6 +30,7 @@ from torch import nn
 
 from bench.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
@@ -138,7 +139,7 @@ class OneBit(Method):
                 effective = m.weight * torch.outer(m.out_scale, m.in_factor)
                 packed.per_layer.append(layer_stats(ref, teacher.get_submodule(ref.name).weight, effective))
                 packed.layers[ref.name] = stored
-                packed.layer_format[ref.name] = "onebit-1bit-svid-fp16+layernorm"
+                packed.layer_format[ref.name] = LayerFormat.binary("onebit-1bit-svid-fp16+layernorm")
         packed.training = TrainingRecord([history])
         return packed
 

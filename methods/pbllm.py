@@ -24,13 +24,14 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.hessian import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.errors import check_range
-from bench.methods.billm import binarize_rows
-from bench.methods.gptq import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
 from bench.quant import n_groups, pack_bits, resolve_group_size, unpack_bits
+from bench.quant.binary import binarize_rows
 from bench.quant.integer import expand_groups, from_codes, grid_params, restore_bias, stored_bias, to_codes
 
 
@@ -115,7 +116,8 @@ class PBLLM(Method):
             packed.per_layer.append({**layer_stats(r, w, deq), "gptq_loss": loss})
             w.copy_(deq)
             packed.layers[r.name] = {**stored, **stored_bias(r.module)}
-            packed.layer_format[r.name] = f"pbllm-binary+int{self.salient_bits}-{self.salient_fraction:g}salient"
+            packed.layer_format[r.name] = LayerFormat.binary(
+                f"pbllm-binary+int{self.salient_bits}-{self.salient_fraction:g}salient")
 
         quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         return packed

@@ -21,27 +21,13 @@ from typing import ClassVar
 
 import torch
 
-from bench import diffusion
+from bench.compress.static_ptq import SAMPLES_PER_BATCH, StaticPTQBase, act_range, fake_quant_static
 from bench.errors import check_range
-from bench.methods.static_ptq import SAMPLES_PER_BATCH, StaticPTQ, act_range, fake_quant_static
-
-
-def shortcut_splits(unet) -> dict[str, int]:
-    """Layer name -> channels of the decoder part of its concatenated input (the rest is the skip)."""
-    out: dict[str, int] = {}
-    names = {id(m): n for n, m in unet.named_modules()}
-    prev = unet.mid[-1].conv2.out_channels
-    for level in unet.up:
-        for block in level.res:
-            for layer in (block.conv1, block.skip):
-                if isinstance(layer, torch.nn.Conv2d) and layer.in_channels > prev:
-                    out[names[id(layer)]] = prev
-            prev = block.conv2.out_channels
-    return out
+from bench.sampler import calibration_inputs, model_schedule
 
 
 @dataclass
-class QDiffusion(StaticPTQ):
+class QDiffusion(StaticPTQBase):
     name: str = "qdiffusion"
     calib_steps: int = 50  # DDIM steps of the full-precision calibration trajectories
     interval: int = 5  # keep every interval-th step's x_t: uniform over the denoising process
@@ -55,11 +41,11 @@ class QDiffusion(StaticPTQ):
         check_range("method.interval", self.interval, 1, self.calib_steps)
 
     def compress(self, model, calib, budget):
-        xs, ts = diffusion.calibration_inputs(model, calib, self.calib_steps)  # before any weight is rounded
-        keep = torch.tensor([t in set(diffusion.model_schedule(model).ddim_timesteps(self.calib_steps)[::self.interval])
+        xs, ts = calibration_inputs(model, calib, self.calib_steps)  # before any weight is rounded
+        keep = torch.tensor([t in set(model_schedule(model).ddim_timesteps(self.calib_steps)[::self.interval])
                              for t in ts.tolist()])
         self._calib = (xs[keep], ts[keep])
-        self._splits = shortcut_splits(model.module) if self.shortcut_split and hasattr(model.module, "up") else {}
+        self._splits = model.adapter.skip_concat_layers() if self.shortcut_split else {}
         packed = super().compress(model, calib, budget)
         packed.info["calib_pairs"] = int(keep.sum())
         packed.info["shortcut_split_layers"] = sum(1 for n in self._splits if n in packed.layers)
@@ -112,4 +98,5 @@ class QDiffusion(StaticPTQ):
                                     fake_quant_static(x[:, c:], s[1], z[1], b)], dim=1)
 
     def layer_format(self, w_bits, a_bits):
-        return super().layer_format(w_bits, a_bits) + ("+qdiff-calib" if a_bits else "")
+        fmt = super().layer_format(w_bits, a_bits)
+        return fmt.with_notes("qdiff-calib") if a_bits else fmt

@@ -11,53 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from bench.errors import check_range
-from bench.packed import Packed, layer_stats
-from bench.plugins import Method
-from bench.quant.activation import ActivationQuantized
-from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import int_format, load_int_layer, restore_bias, stored_int_layer, weight_matrix
+from bench.compress.rtn import RTNBase
 
 
 @dataclass
-class RTN(ActivationQuantized, Method):
+class RTN(RTNBase):
     name: str = "rtn"
-    bits: int = 4
-    group_size: int = 128  # -1 = per output channel
-    symmetric: bool = False
-    family: ClassVar[str] = "quantization"
     paper: ClassVar[str] = "Round-to-nearest baseline (as reported in Frantar et al., GPTQ, ICLR 2023)"
-    applies_to: ClassVar[tuple[str, ...]] = ("causal_lm", "image_sr", "image_classifier", "diffusion")
-
-    def __post_init__(self):
-        check_range("method.bits", self.bits, 2, 8)
-        self.check_activation_settings()
-
-    def fmt(self) -> str:
-        return int_format(self.bits, self.group_size, self.symmetric)
-
-    @torch.no_grad()
-    def compress(self, model, calib, budget) -> Packed:
-        packed = Packed(model.module, self.name, self.execution)
-        for ref in model.adapter.linears():
-            w = weight_matrix(ref.module)
-            q = quantize_rtn(w, self.bits, self.group_size, self.symmetric, layer=ref.name)
-            stored = stored_int_layer(q.codes, q.scale, q.zero, self.bits, ref.module.bias)
-            wq = q.dequantize()
-            packed.per_layer.append(layer_stats(ref, w, wq))
-            w.copy_(wq)
-            packed.layers[ref.name] = stored
-            packed.layer_format[ref.name] = self.fmt()
-        return self.runtime_hooks(model, packed)
-
-    @torch.no_grad()
-    def restore_layer(self, model, ref, stored) -> None:
-        w = weight_matrix(ref.module)
-        out_f, in_f = w.shape
-        g = resolve_group_size(self.group_size, in_f, ref.name)
-        codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
-        q = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
-        w.copy_(q.dequantize())
-        restore_bias(ref.module, stored)

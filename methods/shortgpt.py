@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from bench.depth import DepthPruning, block_inputs_all
+from bench.compress.depth import DepthPruning, block_inputs_all
 from bench.precision import fp32
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from bench.depth import DepthPruning, block_inputs_all, lm_nll
+from bench.compress.depth import DepthPruning, block_inputs_all, lm_nll
 from bench.errors import check_range
 
 

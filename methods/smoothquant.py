@@ -18,8 +18,9 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.rtn import RTNBase, scale_norm_
 from bench.errors import check_range
-from bench.methods.rtn import RTN
+from bench.layer_format import LayerFormat
 
 
 @torch.no_grad()
@@ -43,15 +44,6 @@ def activation_channel_max(adapter, windows: torch.Tensor) -> dict[tuple[int, in
 
 
 @torch.no_grad()
-def scale_norm_(norm, s: torch.Tensor, storage: torch.dtype = torch.float16) -> None:
-    """Divide a norm's weight (and bias) by s and round to the storage dtype: the artifact stores norms in
-    fp16, so the evaluated model must hold exactly the stored values."""
-    norm.weight.copy_((norm.weight / s).to(storage).to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.copy_((norm.bias / s).to(storage).to(norm.bias.dtype))
-
-
-@torch.no_grad()
 def smooth(adapter, act_max: dict[tuple[int, int], torch.Tensor], alpha: float) -> list[dict]:
     stats = []
     for b in range(len(adapter.blocks())):
@@ -67,7 +59,7 @@ def smooth(adapter, act_max: dict[tuple[int, int], torch.Tensor], alpha: float) 
 
 
 @dataclass
-class SmoothQuant(RTN):
+class SmoothQuant(RTNBase):
     name: str = "smoothquant"
     alpha: float = 0.5
     bits: int = 8
@@ -81,8 +73,8 @@ class SmoothQuant(RTN):
         super().__post_init__()
         check_range("method.alpha", self.alpha, 0.0, 1.0)
 
-    def fmt(self) -> str:
-        return f"smooth{self.alpha:g}-{super().fmt()}"
+    def layer_format(self) -> LayerFormat:
+        return LayerFormat.int_grid(self.bits, self.group_size, self.symmetric, prefix=f"smooth{self.alpha:g}")
 
     @torch.no_grad()
     def compress(self, model, calib, budget):

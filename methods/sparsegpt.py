@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.hessian import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
+from bench.compress.sparsity import Pattern, Pruning, keep_top
 from bench.errors import ConfigError, check_range
-from bench.methods.gptq import gptq_sweep, inverse_hessian_factor, quantize_blockwise, without_dead_columns
 from bench.precision import fp32
-from bench.sparsity import Pattern, Pruning, keep_top
 
 
 @fp32  # fp32: Hessian factor, mask scores and the column sweep's error feedback

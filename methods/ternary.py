@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError
+from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_levels, unpack_levels
@@ -61,7 +62,7 @@ class Ternary(Method):
             w.copy_(wq)
             packed.layers[ref.name] = {"qweight": pack_levels((t + 1).to(torch.uint8), 3), "scale": scale,
                                        **stored_bias(ref.module)}
-            packed.layer_format[ref.name] = f"ternary-{self.rule}-rowscale-fp16"
+            packed.layer_format[ref.name] = LayerFormat.ternary(f"ternary-{self.rule}-rowscale-fp16")
         return packed
 
     @torch.no_grad()

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from bench.methods.gptq import quantize_blockwise
-from bench.sparsity import Pruning, keep_top
+from bench.compress.hessian import quantize_blockwise
+from bench.compress.sparsity import Pruning, keep_top
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from bench.methods.sign import SignBinarization
+from bench.compress.sign import SignBinarizationBase
+from bench.layer_format import ActFormat
 
 
 def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -24,14 +25,14 @@ def binarize_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class XNOR(SignBinarization):
+class XNOR(SignBinarizationBase):
     name: str = "xnor"
     paper: ClassVar[str] = "Rastegari et al., XNOR-Net (ECCV 2016): binary weights and binary inputs"
 
     def runtime_hooks(self, model, packed):
         for ref in self.targets(model):
             ref.module.register_forward_pre_hook(lambda _m, args: (binarize_tokens(args[0]), *args[1:]))
-        suffix = "+a1-per_token-meanabs"
-        packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}
+        signs = ActFormat(1, "binary", "per_token", "meanabs")
+        packed.layer_format = {k: v.with_act(signs) for k, v in packed.layer_format.items()}
         packed.info["activations"] = "binary (sign x per-token mean |x|)"
         return packed

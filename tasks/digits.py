@@ -2,7 +2,7 @@
 
 Protocol: the 1797 real 8x8 digits of `load_digits` (UCI optdigits, 17 grey levels), scaled to [-1, 1]
 (raw / 8 - 1, the convention the suite's digits models are trained with); the held-out 20% of a seeded
-permutation (`split_seed`, the classifier recipe's seed: `bench.diffusion.heldout_split`), 360 images.
+permutation (`split_seed`, the classifier recipe's seed: `bench.image_sets.heldout_split`), 360 images.
 The task refuses a model trained under another split seed (it would be scored on its own training images).
 Metric `digits8x8.top1.heldout` (`.firstN` with `limit`), per-image correctness kept for paired comparisons;
 cost: MACs of one 8x8 image and parameters. The hardware workload is the first held-out image.
@@ -16,6 +16,7 @@ import torch
 
 from bench import image
 from bench.errors import ConfigError
+from bench.image_sets import heldout_split, load_images
 from bench.metrics import Metric
 from bench.plugins import Task, Workload
 
@@ -40,8 +41,6 @@ class DigitsTop1(Task):
 
     def heldout(self, model=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Held-out images (n, 1, 8, 8) in [-1, 1] and labels, first `limit` only."""
-        from bench.diffusion import heldout_split, load_images
-
         trained = (model.info.get("split_seed") if model is not None else None)
         if trained is not None and trained != self.split_seed:
             raise ConfigError(f"model '{model.spec.name}' was trained with split seed {trained}, the task holds out "

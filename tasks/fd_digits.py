@@ -8,7 +8,7 @@ Protocol:
   timesteps (deterministic: identical noise gives identical samples from identical weights).
 - `fd_lenet`: Frechet distance (Heusel et al. 2017's formula) between the LeNet penultimate (84-d)
   features of the samples and of the reference set (`reference`: all 1797 real images of the dataset the
-  model was trained on). The LeNet is trained by the suite (bench.diffusion.ClassifierRecipe), cached by
+  model was trained on). The LeNet is trained by the suite (bench.ClassifierRecipe), cached by
   content hash; its held-out top-1 is recorded beside it, and so is (in the notes) the distance of a seeded
   subset of as many real images to the same reference: what real digits score at this N (they are part of
   the reference, so it is a point of comparison, not a bound).
@@ -31,11 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import diffusion, precision
+from bench import models, precision
 from bench.cache import content_key
 from bench.errors import ConfigError
+from bench.frechet import frechet_distance
+from bench.image import count_macs, save_grid
+from bench.image_sets import DATASETS
 from bench.metrics import Metric
+from bench.models.digits import ClassifierRecipe, load_classifier
+from bench.models.suite_training import trained_store
 from bench.plugins import Task, Workload
+from bench.sampler import SampleAll, Schedule, ddim_sample, sampler_name, seeded_noise
 
 PSNR_CAP_DB = 100.0
 
@@ -65,26 +71,24 @@ class DigitsFrechet(Task):
 
     def check_applicable(self, model) -> None:
         super().check_applicable(model)
-        if model.info.get("dataset") not in diffusion.DATASETS:
+        if model.info.get("dataset") not in DATASETS:
             raise ConfigError(f"model '{model.spec.name}' was not trained on a dataset the suite ships",
-                              f"fd_digits compares with {', '.join(diffusion.DATASETS)}; use task=fid_* for others")
+                              f"fd_digits compares with {', '.join(DATASETS)}; use task=fid_* for others")
 
     # --- pieces -------------------------------------------------------------------------------------------
-    def _schedule(self, model) -> diffusion.Schedule:
+    def _schedule(self, model) -> Schedule:
         i = model.info
-        return diffusion.Schedule(i["timesteps"], i["beta_start"], i["beta_end"])
+        return Schedule(i["timesteps"], i["beta_start"], i["beta_end"])
 
     def _noise(self, model) -> torch.Tensor:
-        return diffusion.seeded_noise(self.n_samples, model.info["image_side"], self.seed, model.info["channels"])
+        return seeded_noise(self.n_samples, model.info["image_side"], self.seed, model.info["channels"])
 
     def sample(self, model) -> torch.Tensor:
-        return diffusion.ddim_sample(model.module, self._noise(model), self._schedule(model), self.steps)
+        return ddim_sample(model.module, self._noise(model), self._schedule(model), self.steps)
 
     def teacher_samples(self, model) -> torch.Tensor:
         """The uncompressed model's samples from the same noise (cached by base weights + protocol)."""
-        from bench import models
-
-        store = diffusion.trained_store(model.spec.results)
+        store = trained_store(model.spec.results)
         # sampled in the run's precision, like the student's samples they are paired with
         key = content_key("teacher_samples", model.weights_sha256, self.n_samples, self.steps, self.seed,
                           self.protocol_version, *([] if precision.active() == "fp32" else [precision.active()]))
@@ -94,17 +98,17 @@ class DigitsFrechet(Task):
         if base.weights_sha256 != model.weights_sha256:
             raise ConfigError(f"model '{model.spec.name}' reloads with other weights than this run started from",
                               "the teacher must be the run's own base model")
-        out = diffusion.ddim_sample(base.module, self._noise(base), self._schedule(base), self.steps)
+        out = ddim_sample(base.module, self._noise(base), self._schedule(base), self.steps)
         store.save(key, {"samples": out.contiguous()}, {"what": "teacher samples"})
         return out
 
     def extractor_model(self, model):
-        recipe = diffusion.ClassifierRecipe(dataset=model.info["dataset"], **self.extractor)
-        return diffusion.load_classifier(recipe, model.spec.results)
+        recipe = ClassifierRecipe(dataset=model.info["dataset"], **self.extractor)
+        return load_classifier(recipe, model.spec.results)
 
     @property
     def tag(self) -> str:
-        return f"n{self.n_samples}.{diffusion.sampler_name(self.steps)}"
+        return f"n{self.n_samples}.{sampler_name(self.steps)}"
 
     # --- evaluate -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,16 +123,16 @@ class DigitsFrechet(Task):
             probs = torch.softmax(lenet(samples.clamp(-1, 1)), dim=1)
         ds = f"digits{data.side}" if data.name == "sklearn_digits" else f"mnist{data.side}"
         ref = f"ref_{self.reference}{data.images.shape[0]}"
-        fd = diffusion.frechet_distance(f_s, f_r)
+        fd = frechet_distance(f_s, f_r)
         # context for the number: a seeded subset of as many real images scores this against the same reference
         g = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(len(f_r), generator=g)[:min(self.n_samples, len(f_r))].numpy()
-        floor = diffusion.frechet_distance(f_r[idx], f_r)
+        floor = frechet_distance(f_r[idx], f_r)
         # teacher fidelity on the [0, 1] pixel scale
         a, b = (samples.clamp(-1, 1) + 1) / 2, (teacher.clamp(-1, 1) + 1) / 2
         mse = (a - b).pow(2).flatten(1).mean(1).double()
         psnr = [min(PSNR_CAP_DB, 10 * math.log10(1.0 / m)) if m > 0 else PSNR_CAP_DB for m in mse.tolist()]
-        common = {"sampler": diffusion.sampler_name(self.steps), "n": self.n_samples, "noise_seed": self.seed,
+        common = {"sampler": sampler_name(self.steps), "n": self.n_samples, "noise_seed": self.seed,
                   "dataset": data.source}
         metrics = [
             Metric(f"{ds}.fd_lenet.{self.tag}.{ref}", fd, "lower",
@@ -148,23 +152,21 @@ class DigitsFrechet(Task):
         conf = probs.max(1).values
         metrics.append(Metric(f"{ds}.lenet_confident_frac.p0.9.{self.tag}", float((conf > 0.9).float().mean()),
                               "higher", per_sample=conf.tolist(), per_sample_name="lenet_max_prob"))
-        from bench.image import count_macs
-
         # counted over a whole sampling run: a hybrid model's steps differ in cost
-        sampler = diffusion.SampleAll(model.module, self._schedule(model), self.steps)
+        sampler = SampleAll(model.module, self._schedule(model), self.steps)
         per_image = count_macs(sampler, self._noise(model)[:1])
-        metrics.append(Metric(f"cost.macs.per_image.{diffusion.sampler_name(self.steps)}", float(per_image), "lower",
+        metrics.append(Metric(f"cost.macs.per_image.{sampler_name(self.steps)}", float(per_image), "lower",
                               "MAC"))
         metrics.append(Metric("cost.macs.per_denoiser_call_mean", float(per_image / self.steps), "lower", "MAC"))
         metrics.append(Metric("cost.params", float(sum(p.numel() for p in model.module.parameters())), "lower"))
         out = Path(tempfile.mkdtemp(prefix="bench_grid_")) / "samples_grid.png"
-        diffusion.save_grid(samples[:self.grid], out)
+        save_grid(samples[:self.grid], out)
         self.artifact_files = [str(out)]
         return metrics
 
     def workload(self, model, data_root: str | None = None) -> Workload:
-        x = diffusion.seeded_noise(1, model.info["image_side"], self.seed, model.info["channels"])
-        return Workload(kind="diffusion", inputs=x, label=f"{diffusion.sampler_name(self.steps)}_1img",
+        x = seeded_noise(1, model.info["image_side"], self.seed, model.info["channels"])
+        return Workload(kind="diffusion", inputs=x, label=f"{sampler_name(self.steps)}_1img",
                         steps=self.steps,
-                        sampler=lambda module: diffusion.SampleAll(module, self._schedule(model), self.steps))
+                        sampler=lambda module: SampleAll(module, self._schedule(model), self.steps))
 

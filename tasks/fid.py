@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from bench import data as data_mod
-from bench import diffusion
-from bench.precision import fp32
 from bench.errors import ConfigError, DataMissing
+from bench.frechet import frechet_from_stats
 from bench.metrics import Metric
 from bench.plugins import Task, Workload
+from bench.precision import fp32
+from bench.sampler import SampleAll, ddim_sample, model_schedule, sampler_name, seeded_noise
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 
@@ -52,7 +53,7 @@ def is_real_inception(extractor: nn.Module) -> bool:
 def metric_name(extractor_name: str, real_inception: bool, reference: str, n: int, steps: int, claim_fid: bool) -> str:
     """`fid.*` only for the real Inception; a stand-in's distance is `fd_<name>.*`. Asking for the FID name
     with anything else is refused."""
-    tail = f"{reference}.n{n}.{diffusion.sampler_name(steps)}"
+    tail = f"{reference}.n{n}.{sampler_name(steps)}"
     if real_inception:
         return f"fid.clean_fid.{tail}"
     if claim_fid:
@@ -141,8 +142,8 @@ class DiffusionFID(Task):
                            claim_fid=self.extractor_override is None)
         mu_r, sigma_r = self.reference(data_root)
         side, ch = model.info["image_side"], model.info["channels"]
-        x_T = diffusion.seeded_noise(self.n_samples, side, self.seed, ch)
-        samples = diffusion.ddim_sample(model.module, x_T, diffusion.model_schedule(model), self.steps)
+        x_T = seeded_noise(self.n_samples, side, self.seed, ch)
+        samples = ddim_sample(model.module, x_T, model_schedule(model), self.steps)
         imgs = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         if imgs.shape[-1] == 1:
             imgs = np.repeat(imgs, 3, axis=-1)
@@ -150,14 +151,14 @@ class DiffusionFID(Task):
         if f.shape[1] != mu_r.shape[0]:
             raise ConfigError(f"features are {f.shape[1]}-d, the reference statistics {mu_r.shape[0]}-d",
                               "use reference statistics computed with the same extractor")
-        value = diffusion.frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu_r, sigma_r)
+        value = frechet_from_stats(f.mean(0), np.cov(f, rowvar=False), mu_r, sigma_r)
         notes = {"implementation": "clean-fid 0.1.35 resize (PIL bicubic, float) + TorchScript Inception-v3",
-                 "sampler": diffusion.sampler_name(self.steps), "n": self.n_samples, "noise_seed": self.seed,
+                 "sampler": sampler_name(self.steps), "n": self.n_samples, "noise_seed": self.seed,
                  "reference": f"{self.reference_name} ({self.reference_stats})", **facts}
         return [Metric(name, value, "lower", notes=notes)]
 
     def workload(self, model, data_root: str | None = None) -> Workload:
-        x = diffusion.seeded_noise(1, model.info["image_side"], self.seed, model.info["channels"])
-        sched = diffusion.model_schedule(model)
-        return Workload(kind="diffusion", inputs=x, label=f"{diffusion.sampler_name(self.steps)}_1img",
-                        steps=self.steps, sampler=lambda module: diffusion.SampleAll(module, sched, self.steps))
+        x = seeded_noise(1, model.info["image_side"], self.seed, model.info["channels"])
+        sched = model_schedule(model)
+        return Workload(kind="diffusion", inputs=x, label=f"{sampler_name(self.steps)}_1img",
+                        steps=self.steps, sampler=lambda module: SampleAll(module, sched, self.steps))

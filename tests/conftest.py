@@ -67,6 +67,33 @@ def random_calib(n: int = 6, seqlen: int = 48, vocab: int = 256):
     return CalibSet(CalibSpec(name="rand"), torch.randint(0, vocab, (n, seqlen), generator=g), "x")
 
 
+def loaded_vision(net: torch.nn.Module, size: int, name: str = "tiny_vit"):
+    """A transformers image classifier wrapped as bench loads one (random weights, no download)."""
+    from bench import models
+    from bench.models.hf_vision import HFImageClassifier
+
+    module = HFImageClassifier(net.eval(), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 1 / 255, 0).eval()
+    module.bench_kind = "image_classifier"
+    models.round_to_storage(module, torch.float16)
+    adapter = models.adapter_for(module)
+    info = {"n_params": sum(p.numel() for p in module.parameters()), "input_range": 255.0, "image_size": size,
+            "n_block_linear_weights": adapter.n_block_linear_weights(), "preprocess": {"resize": size, "crop": size}}
+    spec = models.ModelSpec(name=name, source="hf_image", name_or_path="(in memory)")
+    return models.LoadedModel(spec, module, None, adapter, models.weights_sha256(module), info)
+
+
+def tiny_vit(deit: bool = False, **kw):
+    """A tiny ViT (or DeiT) classifier: 4 blocks of width 64 on 32x32 images in 4x4 patches; `kw` sets its config."""
+    from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32,
+               patch_size=4, num_labels=1000)
+    cfg.update(kw)
+    net = DeiTForImageClassification(DeiTConfig(**cfg)) if deit else ViTForImageClassification(ViTConfig(**cfg))
+    return loaded_vision(net, cfg["image_size"])
+
+
 def logits(lm, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return lm.module(ids).logits

@@ -223,12 +223,12 @@ def tokenizer_of_another_model(c):
 
 @case
 def model_larger_than_free_memory(c):
-    from bench import models, resources
+    from bench import models, preflight
 
-    c.monkeypatch.setattr(resources, "available_bytes", lambda: 2**20)
+    c.monkeypatch.setattr(preflight, "available_bytes", lambda: 2**20)
     d = c.fixture("tiny_byte_llama_dir")
-    n = resources.safetensors_params(d)
-    return (lambda: resources.check_fits(models.ModelSpec(name="hf", name_or_path=str(d))),
+    n = preflight.safetensors_params(d)
+    return (lambda: preflight.check_fits(models.ModelSpec(name="hf", name_or_path=str(d))),
             f"model '{d}' needs at least {n * 8 / 2**30:.2f} GiB ({n / 1e6:.1f}M parameters x 4 bytes (float32) x 2 "
             "copies), only 0.00 GiB is available; free memory, raise cell_memory_gb, or use a smaller model")
 

@@ -8,9 +8,10 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
+from bench.compress.hessian import HessianAccumulator, inverse_hessian_factor
 from bench.errors import BenchError
 from bench.methods.baq import BAQ, Sensitivity, allocate, row_grid
-from bench.methods.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_factor
+from bench.methods.gptq import gptq_quantize
 from conftest import logits, random_calib
 
 

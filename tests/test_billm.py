@@ -8,8 +8,8 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
+from bench.compress.hessian import HessianAccumulator
 from bench.methods.billm import BiLLM, billm_quantize, dequantize_billm
-from bench.methods.gptq import HessianAccumulator
 from bench.methods.sign import SignBinarization
 from bench.quant import unpack_bits
 from conftest import logits, random_calib

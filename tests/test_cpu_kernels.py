@@ -9,11 +9,14 @@ import torch
 
 from bench import models
 from bench.budget import Budget
-from bench.hardware.cpu_kernels import CpuKernelsBackend, MatMulNBitsLinear, parse_int_format
+from bench.hardware.cpu_kernels import CpuKernelsBackend, MatMulNBitsLinear
+from bench.layer_format import LayerFormat
+from bench.methods.abq import ABQ
 from bench.methods.gptq import GPTQ
 from bench.methods.magnitude import MagnitudePruning
 from bench.methods.rtn import RTN
 from bench.methods.sign import SignBinarization
+from bench.methods.smoothquant import SmoothQuant
 from conftest import random_calib, run_tiny
 
 
@@ -35,9 +38,11 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("method", [RTN(bits=4, group_size=32), RTN(bits=4, group_size=-1, symmetric=True),
                                     RTN(bits=2, group_size=64), RTN(bits=8, group_size=32),
-                                    GPTQ(bits=4, group_size=32, act_order=True)], ids=lambda m: m.fmt())
+                                    GPTQ(bits=4, group_size=32, act_order=True), ABQ(bits=4, group_size=32)],
+                         ids=lambda m: str(m.layer_format()))
 def test_matmulnbits_layer_equals_the_fake_quant_layer(tiny_llama, method):
-    """accuracy_level=1 (fp32 compute) on the stored codes: the fake-quant layer's output to float rounding."""
+    """accuracy_level=1 (fp32 compute) on the stored codes: the fake-quant layer's output to float rounding. The
+    backend takes any integer grid of stored_int_layer's tensors, whichever method wrote it (abq's int4 too)."""
     calib = random_calib() if method.needs_calibration else None
     packed, deployed = _deployed(tiny_llama, method, calib, accuracy_level=1)
     x = torch.randn(2, 5, 256)
@@ -90,27 +95,21 @@ def test_what_has_no_kernel_is_unsupported_with_its_reason(tiny_llama, method, r
 
 
 @pytest.mark.parametrize("label,reason", [
-    ("pbllm-binary+int8-0.1salient", "binary weights (pbllm-binary)"),
-    ("smooth0.5-int8-sym-ch+a8-per_token-dynamic", "activation quantization (+a8-per_token-dynamic)"),
+    ("pbllm-binary+int8-0.1salient", "binary weights (pbllm-binary+int8-0.1salient)"),
+    ("int8-sym-ch+a8-per_tensor-static", "activation quantization (+a8-per_tensor-static)"),  # calibrated scale
     ("int4-asym-g128+lora64", "recovery adapters (+lora64)"),
     ("fp4_e2m1-g128", "floating-point weight format (fp4_e2m1-g128)"),
     ("ternary-twn-rowscale-fp16", "ternary weights"),
-    ("abq-int4-asym-g128", "layer format 'abq-int4-asym-g128' has no kernel"),
+    ("abq-int2-5level-asym-g128", "layer format 'abq-int2-5level-asym-g128' has no kernel"),  # 3 codes per 7 bits
+    ("baq-int3avg-layer-rowminmax", "layer format 'baq-int3avg-layer-rowminmax' has no kernel"),
     ("int2-asym-ch", "per-channel 2-bit on a width-512 layer: 2-bit MatMulNBits blocks must not exceed 256"),
 ])
 def test_reason_of_each_format_without_a_kernel(label, reason):
     from bench.packed import Packed
 
     module = torch.nn.Sequential(torch.nn.Linear(512, 8))
-    packed = Packed(module, "x", "fake-quant", {"0": {}}, {"0": label})
+    packed = Packed(module, "x", "fake-quant", {"0": {}}, {"0": LayerFormat.from_label(label)})
     assert CpuKernelsBackend(threads=1).supports(packed).startswith(reason)
-
-
-def test_format_labels():
-    g = parse_int_format("gptq-int4-asym-g128-actorder")
-    assert (g.bits, g.symmetric, g.group) == (4, False, 128)
-    assert parse_int_format("int8-sym-ch").group is None
-    assert parse_int_format("fp4_e2m1-g128") is None
 
 
 def test_record_has_both_accuracies_and_a_sourced_energy(store_results_dir, tiny_byte_llama_dir, small_wikitext):
@@ -148,8 +147,9 @@ ONEDNN = dict(int8_kernel="onednn_per_token", lowbit_kernel="onednn_per_token")
                                     RTN(bits=8, group_size=-1, act_bits=8, act_granularity="per_tensor"),
                                     RTN(bits=4, group_size=32, act_bits=8),
                                     RTN(bits=3, group_size=-1, act_bits=8),
-                                    GPTQ(bits=4, group_size=32, act_order=True, act_bits=8)],
-                         ids=lambda m: f"{m.fmt()}-a8-{m.act_granularity}")
+                                    GPTQ(bits=4, group_size=32, act_order=True, act_bits=8),
+                                    SmoothQuant(bits=8, act_bits=8)],
+                         ids=lambda m: f"{m.layer_format()}-a8-{m.act_granularity}")
 def test_onednn_int8_layer_equals_the_w8a8_fake_quant_layer(tiny_llama, method):
     """The method's int8 activations (per token or per tensor) and its codes as int8 x int8 -> int32 on oneDNN: the
     fake-quant layer (act-quant hook included) to float rounding, for symmetric and asymmetric grids, groups and
@@ -158,7 +158,7 @@ def test_onednn_int8_layer_equals_the_w8a8_fake_quant_layer(tiny_llama, method):
 
     calib = random_calib() if method.needs_calibration else None
     packed, deployed = _deployed(tiny_llama, method, calib)
-    assert all(f.endswith(f"+a8-{method.act_granularity}-dynamic") for f in packed.layer_format.values())
+    assert all(str(f).endswith(f"+a8-{method.act_granularity}-dynamic") for f in packed.layer_format.values())
     x = torch.randn(2, 5, 256)
     with torch.inference_mode():
         for name, fake, kernel in _layer_pairs(packed, deployed):

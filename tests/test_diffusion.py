@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import diffusion, models
+from bench import frechet, models, sampler
 from bench.budget import Budget
 from bench.calib import CalibSpec, load as load_calib
 
@@ -40,23 +40,24 @@ def test_ddpm_is_trained_once_and_cached(trained):
     assert again.info["train_cache"] == "hit" and again.weights_sha256 == model.weights_sha256
     roles = {r.role for r in model.adapter.linears()}
     assert {"time_mlp", "conv_in", "res.conv1", "res.temb", "res.conv2", "down", "up", "conv_out"} <= roles
+    assert [level.name for level in model.adapter.levels()] == ["down.0", "down.1", "mid", "up.0", "up.1"]
 
 
 def test_ddim_sampler_is_deterministic(trained):
     _, model = trained
-    sched, x = diffusion.model_schedule(model), diffusion.seeded_noise(3, 8, seed=5)
-    a = diffusion.ddim_sample(model.module, x, sched, 4)
-    assert torch.equal(a, diffusion.ddim_sample(model.module, x.clone(), sched, 4))
+    sched, x = sampler.model_schedule(model), sampler.seeded_noise(3, 8, seed=5)
+    a = sampler.ddim_sample(model.module, x, sched, 4)
+    assert torch.equal(a, sampler.ddim_sample(model.module, x.clone(), sched, 4))
     assert sched.ddim_timesteps(4) == [999, 749, 499, 249]
 
 
 def test_frechet_distance_zero_for_identical_positive_otherwise():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(300, 6))
-    assert diffusion.frechet_distance(a, a.copy()) == pytest.approx(0.0, abs=1e-8)
+    assert frechet.frechet_distance(a, a.copy()) == pytest.approx(0.0, abs=1e-8)
     b = rng.normal(size=(300, 6)) + 0.5
-    assert diffusion.frechet_distance(a, b) > 0.5  # mean shift alone contributes 6 x 0.25
-    assert diffusion.frechet_distance(a, rng.normal(size=(300, 6))) > 0
+    assert frechet.frechet_distance(a, b) > 0.5  # mean shift alone contributes 6 x 0.25
+    assert frechet.frechet_distance(a, rng.normal(size=(300, 6))) > 0
 
 
 def test_fp_lowbit_weights_lie_on_the_chosen_fp_grid(trained, calib):
@@ -68,7 +69,7 @@ def test_fp_lowbit_weights_lie_on_the_chosen_fp_grid(trained, calib):
     packed = method.compress(models.clone(trained[1]), calib, TINY_BUDGET)
     m = models.with_module(trained[1], packed.model)
     for ref in m.adapter.linears():
-        fmt_name = packed.layer_format[ref.name].split("_")[1].split("-")[0]
+        fmt_name = packed.layer_format[ref.name].name.split("_")[1].split("-")[0]
         e, man = (int(v) for v in fmt_name[1:].split("m"))
         fmt = FloatFormat(e, man)
         w = weight_matrix(ref.module)
@@ -109,23 +110,21 @@ def test_binarydm_weights_take_the_documented_values_per_basis(trained, calib):
     assert bits.bits_per_weight < 16
 
 
-def test_hybrid_sd_switches_models_at_the_configured_step(trained, monkeypatch):
+def test_hybrid_sd_switches_models_at_the_configured_step(trained):
     from bench.methods.hybrid_sd import HybridSD
 
-    spec = trained[0]
-    monkeypatch.setattr(diffusion, "load_model_config", lambda name, results: models.ModelSpec(
-        name="small", source="suite_trained", recipe={**TINY_RECIPE, "seed": 1}, results=results))
-    method = HybridSD(large_steps=3, total_steps=10)
+    small = models.ModelSpec(name="small", source="suite_trained", recipe={**TINY_RECIPE, "seed": 1},
+                             results=trained[0].results)
+    method = HybridSD(small_model=small, large_steps=3, total_steps=10)
     packed = method.compress(models.clone(trained[1]), None, TINY_BUDGET)
     unet = packed.model
     calls = []
     unet.late.register_forward_pre_hook(lambda _m, a: calls.append(("small", int(a[1][0]))))
     unet.conv_in.register_forward_pre_hook(lambda _m, a: calls.append(("large", None)))
-    sched = diffusion.model_schedule(trained[1])
-    diffusion.ddim_sample(unet, diffusion.seeded_noise(2, 8, 0), sched, 10)
+    sched = sampler.model_schedule(trained[1])
+    sampler.ddim_sample(unet, sampler.seeded_noise(2, 8, 0), sched, 10)
     assert [c[0] for c in calls] == ["large"] * 3 + ["small"] * 7
     assert calls[3][1] == sched.ddim_timesteps(10)[3]
-    del spec
 
 
 def test_fd_digits_run_end_to_end_with_grid_and_diffusion_workload(trained, migrated_store, monkeypatch):
@@ -166,8 +165,8 @@ def test_existing_methods_apply_through_the_adapter(trained, calib):
         method.check_applicable(trained[1])
         packed = method.compress(models.clone(trained[1]), c, TINY_BUDGET)
         assert packed.layers  # every targeted conv/linear was quantized through adapter.linears()
-        sched = diffusion.model_schedule(trained[1])
-        out = diffusion.ddim_sample(packed.model, diffusion.seeded_noise(2, 8, 0), sched, 2)
+        sched = sampler.model_schedule(trained[1])
+        out = sampler.ddim_sample(packed.model, sampler.seeded_noise(2, 8, 0), sched, 2)
         assert torch.isfinite(out).all()
 
 
@@ -231,9 +230,9 @@ def test_fid_refuses_a_non_inception_extractor(tmp_path):
 
 
 def test_qdiffusion_splits_skip_concatenations_and_calibrates_over_all_timesteps(trained, calib):
-    from bench.methods.qdiffusion import QDiffusion, shortcut_splits
+    from bench.methods.qdiffusion import QDiffusion
 
-    splits = shortcut_splits(trained[1].module)
+    splits = trained[1].adapter.skip_concat_layers()
     assert splits and all(name.startswith("up.") for name in splits)
     method = QDiffusion(w_bits=8, a_bits=8, calib_steps=10, interval=5)
     packed = method.compress(models.clone(trained[1]), calib, TINY_BUDGET)
@@ -241,6 +240,6 @@ def test_qdiffusion_splits_skip_concatenations_and_calibrates_over_all_timesteps
     split_layers = [n for n in splits if n in packed.layers]
     assert split_layers and all(packed.layers[n]["act_scale"].numel() == 2 for n in split_layers)
     restored = method.restore(models.clone(trained[1]), packed.tensors(trained[1]), packed.metadata())
-    sched, x = diffusion.model_schedule(trained[1]), diffusion.seeded_noise(2, 8, 0)
-    a, b = (diffusion.ddim_sample(m, x, sched, 2) for m in (restored.model, packed.model))
+    sched, x = sampler.model_schedule(trained[1]), sampler.seeded_noise(2, 8, 0)
+    a, b = (sampler.ddim_sample(m, x, sched, 2) for m in (restored.model, packed.model))
     assert torch.equal(a, b)

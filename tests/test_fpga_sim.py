@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bench import energy
+from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_DENSE, EXECUTION_FAKE_QUANT, EXECUTION_SPARSE_AS_DENSE, Packed
 from bench.plugins import Workload
 
@@ -30,8 +31,12 @@ def backend(**kw):
     return FpgaSimBackend(lpf_limit=2, **kw)
 
 
+def formats(labels: dict[str, str]) -> dict[str, LayerFormat]:
+    return {k: LayerFormat.from_label(v) for k, v in labels.items()}
+
+
 def measure(fmt: dict[str, str]):
-    packed = Packed(Tiny(), "m", EXECUTION_FAKE_QUANT if fmt else EXECUTION_DENSE, {}, fmt)
+    packed = Packed(Tiny(), "m", EXECUTION_FAKE_QUANT if fmt else EXECUTION_DENSE, {}, formats(fmt))
     return backend().measure(packed, Workload("image", inputs=torch.rand(1, 3, 8, 8), label="tiny"))
 
 
@@ -58,14 +63,14 @@ def test_per_layer_cycles_energy_and_bits():
     ({"c1": "sign-1bit-rowscale-fp16"}, EXECUTION_FAKE_QUANT, "binary/ternary"),
     ({"c1": "fp4_e2m1-ch"}, EXECUTION_FAKE_QUANT, "floating-point"),
     ({"c1": "int8-sym-ch+fp4_e2m1-per_token-dynamic"}, EXECUTION_FAKE_QUANT, "activation format"),
-    ({"c1": "magnitude-50%-fp16"}, EXECUTION_SPARSE_AS_DENSE, "sparse"),
+    ({"c1": "magnitude-unstructured0.5-fp16"}, EXECUTION_SPARSE_AS_DENSE, "sparse"),
     ({"c1": "int4-asym-ch+lora64"}, EXECUTION_FAKE_QUANT, "recovery adapters"),
 ])
 def test_capability_table_refuses(fmt, execution, reason):
     b = backend()
-    got = b.supports(Packed(Tiny(), "m", execution, {}, fmt))
+    got = b.supports(Packed(Tiny(), "m", execution, {}, formats(fmt)))
     assert got is not None and reason in got
-    assert b.measure(Packed(Tiny(), "m", execution, {}, fmt), Workload("image", inputs=torch.rand(1, 3, 8, 8))
+    assert b.measure(Packed(Tiny(), "m", execution, {}, formats(fmt)), Workload("image", inputs=torch.rand(1, 3, 8, 8))
                      ).unsupported == got
 
 
@@ -73,9 +78,9 @@ def test_layer_bits():
     from bench.hardware.fpga_sim import layer_bits
 
     assert layer_bits(None, 8) == (8, 8)
-    assert layer_bits("int4-asym-g128", 16) == (4, 16)
-    assert layer_bits("int8-sym-ch+a8-per_tensor-static", 16) == (8, 8)
-    assert layer_bits("gptq-int3-sym-g128-actorder", 16) == (3, 16)
+    assert layer_bits(LayerFormat.from_label("int4-asym-g128"), 16) == (4, 16)
+    assert layer_bits(LayerFormat.from_label("int8-sym-ch+a8-per_tensor-static"), 16) == (8, 8)
+    assert layer_bits(LayerFormat.from_label("gptq-int3-sym-g128-actorder"), 16) == (3, 16)
 
 
 def test_unknown_accelerator_is_a_config_error():

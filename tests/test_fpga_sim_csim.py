@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_FAKE_QUANT, Packed
 from bench.plugins import Workload
 
@@ -129,7 +130,7 @@ def test_models_not_given_to_hls4ml_keep_the_torch_accuracy_with_the_reason(kind
         model.bench_kind = kind
     if shape:
         model.bench_input_shape = shape
-    packed = Packed(model, "m", EXECUTION_FAKE_QUANT, {}, fmt)
+    packed = Packed(model, "m", EXECUTION_FAKE_QUANT, {}, {k: LayerFormat.from_label(v) for k, v in fmt.items()})
     b = backend()
     assert b.supports(packed) is None
     assert b.deploy(packed) is packed  # the runner then records no .deployed metric

@@ -52,20 +52,6 @@ def test_sign_bits_per_weight_formula_and_artifact_bytes(tiny_llama, tmp_path):
     assert payload <= size < payload + 16_384  # safetensors header only on top of the counted bytes
 
 
-def test_rtn_restore_from_artifact_is_bit_exact(tiny_llama, tmp_path):
-    method = RTN(bits=3, group_size=32)
-    work, packed = _compress(method, tiny_llama)
-    store = ArtifactStore(tmp_path)
-    store.save("k", packed.tensors(tiny_llama), packed.metadata())
-    tensors, meta = store.load("k")
-    restored = method.restore(models.clone(tiny_llama), tensors, meta)
-    for (n1, p1), (n2, p2) in zip(packed.model.state_dict().items(), restored.model.state_dict().items()):
-        assert n1 == n2 and torch.equal(p1, p2), n1
-    ids = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        assert torch.equal(packed.model(ids).logits, restored.model(ids).logits)
-
-
 def test_rtn_bits_per_weight_formula(tiny_llama):
     _, packed = _compress(RTN(bits=4, group_size=32, symmetric=False), tiny_llama)
     rep = packed.storage(tiny_llama)
@@ -108,19 +94,3 @@ def test_corrupted_artifact_is_detected(tiny_llama, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactCorrupt, match="sha256"):
         store.load("k")
-
-
-def test_layer_format_labels_read_by_the_backends():
-    """The words backends read from methods' layer-format labels (bench.packed): binary words win over an fp16
-    scale suffix, float formats are told from integer grids, and a mixed-width grid says so."""
-    from bench.packed import int_weight_bits, special_weights
-
-    kinds = {"sign-1bit-rowscale-fp16": "binary", "pbllm-binary+int8-0.1salient": "binary",
-             "onebit-1bit-svid-fp16+layernorm": "binary", "binary-1bit-chscale-fp16+a1+shortcut": "binary",
-             "ternary-twn-rowscale-fp16": "ternary", "fp4_e2m1-ch": "float", "bitmod-fp4-g128": "float",
-             "gptq-int4-asym-g128-actorder": None, "int8-sym-ch+a8-per_token-dynamic": None}
-    assert {label: special_weights(label) for label in kinds} == kinds
-    assert int_weight_bits("gptq-int4-asym-g128-actorder") == (4, False)
-    assert int_weight_bits("int8-sym-ch+a8-per_token-dynamic") == (8, False)
-    assert int_weight_bits("baq-int3avg-layer-rowminmax") == (3, True)
-    assert int_weight_bits("fp4_e2m1-ch") is None and int_weight_bits("sign-1bit-rowscale-fp16") is None

@@ -8,7 +8,7 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.methods.gptq import HessianAccumulator
+from bench.compress.hessian import HessianAccumulator
 from bench.methods.pbllm import PBLLM, pbllm_quantize
 from bench.quant import unpack_bits
 from conftest import logits, random_calib

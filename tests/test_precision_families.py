@@ -16,7 +16,7 @@ from bench.calib import CalibSet, CalibSpec
 from bench.data import data_root
 from bench.precision import compute
 
-from conftest import loaded_tiny, random_calib
+from conftest import loaded_tiny, random_calib, tiny_vit
 
 ROOT = data_root()
 
@@ -181,9 +181,8 @@ def test_binary_conv_training_under_bf16(monkeypatch):
 
 def test_token_pruning_selectors_train_under_bf16(monkeypatch):
     from bench.methods.token_pruning import TokenPruning
-    from test_token_pruning import _vit
 
-    vit = _vit()
+    vit = tiny_vit()
     calib = CalibSet(CalibSpec(name="rand"), torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
                      * 255, "x")
     seen = _track_updates(monkeypatch)

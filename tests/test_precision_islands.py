@@ -24,7 +24,7 @@ def _inputs(n: int = 3, seqlen: int = 16, cols: int = 32, dtype=torch.float32) -
 
 
 def test_hessian_accumulator_is_fp32_inside_bf16():
-    from bench.methods.gptq import HessianAccumulator
+    from bench.compress.hessian import HessianAccumulator
 
     xs = _inputs()
     ref, inside = HessianAccumulator(32), HessianAccumulator(32)
@@ -64,7 +64,7 @@ def test_gptq_layer_math_is_identical_inside_bf16():
 
 
 def test_block_caches_and_hessians_are_fp32_inside_bf16(tiny_llama):
-    from bench.methods.gptq import block_hessians
+    from bench.compress.hessian import block_hessians
 
     adapter = tiny_llama.adapter
     windows = random_calib(2, 24).windows
@@ -131,7 +131,7 @@ def test_llm_fp4_and_fp_lowbit_searches_match_fp32_inside_bf16():
 
 
 def test_activation_quantizers_compute_in_fp32_and_return_the_input_dtype():
-    from bench.methods.static_ptq import fake_quant_static
+    from bench.compress.static_ptq import fake_quant_static
     from bench.methods.xnor import binarize_tokens
     from bench.quant.floating import fake_quant_float_bias
 

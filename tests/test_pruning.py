@@ -9,12 +9,12 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
+from bench.compress.hessian import HessianAccumulator
+from bench.compress.sparsity import Pattern, keep_top
 from bench.errors import BenchError
-from bench.methods.gptq import HessianAccumulator
 from bench.methods.magnitude import MagnitudePruning
 from bench.methods.sparsegpt import SparseGPT, sparsegpt_prune
 from bench.methods.wanda import Wanda
-from bench.sparsity import Pattern, keep_top
 from conftest import logits, random_calib
 
 
@@ -98,7 +98,7 @@ def test_pipeline_sparsegpt_then_rtn_keeps_both_and_records_stages(tiny_llama, t
         assert torch.all((w != 0).reshape(o, i // 4, 4).sum(-1) <= 2)  # SparseGPT's 2:4 zeros survive RTN
         for row in w[:4]:
             assert row[:128].unique().numel() <= 16  # and the weights are on RTN's 4-bit grid
-    assert packed.layer_format[next(iter(packed.layer_format))] == "int4-asym-g128"
+    assert str(packed.layer_format[next(iter(packed.layer_format))]) == "int4-asym-g128"
     assert "sparsegpt.sparse_kernel_ran" in packed.info
     store = ArtifactStore(tmp_path)
     store.save("k", packed.tensors(tiny_llama), packed.metadata())

@@ -56,4 +56,4 @@ def test_xnor_binarizes_inputs_too_and_its_hooks_survive_reload(tiny_opt, tmp_pa
         assert tok.abs().unique().numel() == 1  # one magnitude per token: beta * sign
     work, packed = _roundtrip(XNOR(), tiny_opt, tmp_path)
     assert packed.info["activations"].startswith("binary")
-    assert all(v.endswith("+a1-per_token-meanabs") for v in packed.layer_format.values())
+    assert all(str(v).endswith("+a1-per_token-meanabs") for v in packed.layer_format.values())

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from bench.errors import ResourceError
+from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_DENSE, EXECUTION_FAKE_QUANT, EXECUTION_SPARSE_AS_DENSE, Packed
 from bench.plugins import Workload
 from conftest import ROOT, run_cli
@@ -74,7 +75,7 @@ def test_missing_venv_raises_resource_error(tmp_path):
 def test_capability_table(label, recipe, refused):
     from bench.hardware.tflite import layer_reason
 
-    reason = layer_reason(label, recipe)
+    reason = layer_reason(LayerFormat.from_label(label), recipe)
     if refused is None:
         assert reason is None
     else:
@@ -82,7 +83,8 @@ def test_capability_table(label, recipe, refused):
 
 
 def _packed(execution=EXECUTION_FAKE_QUANT, layer_format=None, model=None):
-    return Packed(model or nn.Conv2d(3, 3, 3), "m", execution, {}, layer_format or {})
+    formats = {k: LayerFormat.from_label(v) for k, v in (layer_format or {}).items()}
+    return Packed(model or nn.Conv2d(3, 3, 3), "m", execution, {}, formats)
 
 
 def test_supports_names_the_layer_and_refuses_sparsity_and_lm_full_int8(fake_venv):

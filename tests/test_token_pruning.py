@@ -14,35 +14,13 @@ from bench.calib import CalibSet, CalibSpec
 from bench.distill import kd_logits
 from bench.errors import ConfigError, NotApplicable
 from bench.methods.token_pruning import TokenPruning
-from bench.models.hf_vision import HFImageClassifier
 from bench.packed import Packed
-
-
-def _loaded(net: torch.nn.Module, size: int, name: str = "tiny_vit") -> models.LoadedModel:
-    module = HFImageClassifier(net.eval(), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 1 / 255, 0).eval()
-    module.bench_kind = "image_classifier"
-    models.round_to_storage(module, torch.float16)
-    adapter = models.adapter_for(module)
-    info = {"n_params": sum(p.numel() for p in module.parameters()), "input_range": 255.0, "image_size": size,
-            "n_block_linear_weights": adapter.n_block_linear_weights(), "preprocess": {"resize": size, "crop": size}}
-    spec = models.ModelSpec(name=name, source="hf_image", name_or_path="(in memory)")
-    return models.LoadedModel(spec, module, None, adapter, models.weights_sha256(module), info)
-
-
-def _vit(deit: bool = False, **kw) -> models.LoadedModel:
-    from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32,
-               patch_size=4, num_labels=1000)
-    cfg.update(kw)
-    net = DeiTForImageClassification(DeiTConfig(**cfg)) if deit else ViTForImageClassification(ViTConfig(**cfg))
-    return _loaded(net, cfg["image_size"])
+from conftest import loaded_vision, tiny_vit
 
 
 @pytest.fixture(scope="module")
 def deit_tiny_shapes():
-    return _vit(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=224,
+    return tiny_vit(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=224,
                 patch_size=16)
 
 
@@ -89,7 +67,7 @@ def test_deit_tiny_shapes_keep_ceil_ratio_plus_package(deit_tiny_shapes, selecto
 
 
 def test_distillation_token_stays_with_the_class_token():
-    model = _vit(deit=True)  # DeiT: [CLS, DIST, 64 patches]
+    model = tiny_vit(deit=True)  # DeiT: [CLS, DIST, 64 patches]
     pruned = TokenPruning(keep_ratio=0.5, prune_blocks=[1, 2]).install(model)
     logits, lengths = _lengths(model)
     assert logits.shape == (2, 1000)
@@ -103,7 +81,7 @@ def _kd(teacher, student, images) -> float:
 
 
 def test_selectors_train_and_the_artifact_restores_the_model():
-    base = _vit()
+    base = tiny_vit()
     calib = CalibSet(CalibSpec(name="rand"), _images(8, 64), "x")  # 64-pixel crops: resized to the model's 32
     images = torch.nn.functional.interpolate(calib.windows, size=(32, 32), mode="bilinear", antialias=True)
     method = TokenPruning(selector="heatvit", keep_ratio=0.5, prune_blocks=[1, 2], selector_lr=1e-2)
@@ -133,7 +111,7 @@ def test_selectors_train_and_the_artifact_restores_the_model():
 def test_refuses_cnns_and_language_models(tiny_llama):
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    cnn = _loaded(ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+    cnn = loaded_vision(ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
                                                             num_labels=1000)), 32, "tiny_resnet")
     assert cnn.adapter.vit_encoder() is None
     for model, what in ((cnn, "a CNN image classifier"), (tiny_llama, "a causal_lm model")):
@@ -153,4 +131,4 @@ def test_bad_configs_are_one_line(bad):
 
 def test_blocks_past_the_model_are_refused():
     with pytest.raises(ConfigError, match=r"reaches past the 4 blocks of 'tiny_vit'; use block indices 0..3"):
-        TokenPruning(prune_blocks=[3, 6, 9]).check_applicable(_vit())
+        TokenPruning(prune_blocks=[3, 6, 9]).check_applicable(tiny_vit())

@@ -11,7 +11,7 @@ Sources:
   checkpoint read from the data root, strictly and weights-only.
 - `tflite`: an int8 TFLite image classifier (`file`, under the data root) rebuilt as a float torch module
   with its dequantized weights (`bench.models.tflite_import`); kind `image_classifier`.
-- `suite_trained`: a DDPM the suite trains itself from `recipe` (`bench.diffusion`), cached under
+- `suite_trained`: a DDPM the suite trains itself from `recipe` (`bench.models.ddpm`), cached under
   `<results>/trained/` by content hash; kind `diffusion`.
 - `diffusers`: a diffusers UNet2DModel / DDPMPipeline from a hub id or local directory; kind `diffusion`.
 - `suite_classifier`: an image classifier the suite trains itself from `recipe` (`bench.models.digits`: the
@@ -37,6 +37,9 @@ from torch import nn
 
 from bench.errors import ConfigError, DataCorrupt, DataMissing, NotApplicable, unknown_choice
 from bench.models.adapter import DecoderAdapter
+from bench.models.ddpm import DDPMRecipe
+from bench.models.diffusion_models import load_diffusion
+from bench.models.digits import load_suite_classifier
 from bench.models.llama import LlamaAdapter
 from bench.models.opt import OptAdapter
 from bench.models.unet import DiffusionAdapter
@@ -71,8 +74,6 @@ class ModelSpec:
         if self.source not in sources:
             raise ConfigError(f"model.source='{self.source}' is unknown", f"use one of: {', '.join(sources)}")
         if self.source == "suite_trained":
-            from bench.diffusion import DDPMRecipe
-
             DDPMRecipe(**(self.recipe or {}))  # validates the recipe before anything loads
         if self.source == "tflite" and not self.file:
             raise ConfigError(f"model '{self.name}' has source=tflite but no file",
@@ -247,15 +248,20 @@ def _load_hf_image(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
 
 
+def _wrap(spec: ModelSpec, module: nn.Module, info: dict) -> LoadedModel:
+    """A vision or diffusion module (its `bench_kind` set) rounded to storage, with its adapter and identity."""
+    round_to_storage(module, _DTYPES[spec.storage_dtype])
+    adapter = adapter_for(module)
+    info = {**info, "n_params": sum(p.numel() for p in module.parameters()), "n_blocks": 0,
+            "n_block_linear_weights": adapter.n_block_linear_weights()}
+    return LoadedModel(spec, module, None, adapter, weights_sha256(module), info)
+
+
 def load(spec: ModelSpec, data_root: str | None = None) -> LoadedModel:
     if spec.source in ("suite_trained", "diffusers"):
-        from bench.models.diffusion_models import load_diffusion
-
-        return load_diffusion(spec)
+        return _wrap(spec, *load_diffusion(spec))
     if spec.source == "suite_classifier":
-        from bench.models.digits import load_suite_classifier
-
-        return load_suite_classifier(spec)
+        return _wrap(spec, *load_suite_classifier(spec))
     if spec.source == "sr_checkpoint":
         return _load_sr(spec, data_root)
     if spec.source == "tflite":

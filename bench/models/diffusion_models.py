@@ -2,7 +2,7 @@
 facts a task needs in `info` (image side, channels, the DDPM schedule).
 
 - `suite_trained`: a `bench.models.unet.TinyUNet` trained by the suite from the spec's `recipe`
-  (`bench.diffusion.load_ddpm`: trained once, then read from `<results>/trained/`).
+  (`bench.models.ddpm.load_ddpm`: trained once, then read from `<results>/trained/`).
 - `diffusers`: a `UNet2DModel` from a hub id or local directory (a DDPMPipeline folder's `unet/` subfolder
   is found too); its scheduler config, when present, gives the schedule (diffusers==0.42.1 is pinned).
 Parameters are rounded once to `storage_dtype`, as for every model of the suite.
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bench.errors import ConfigError, DataMissing
+from bench.models.ddpm import DDPMRecipe, load_ddpm
 
 
 class DiffusersUNet(nn.Module):
@@ -77,12 +78,9 @@ def _load_diffusers(spec) -> tuple[nn.Module, dict]:
                                         "architecture": "diffusers.UNet2DModel", **facts}
 
 
-def load_diffusion(spec):
-    from bench import models
-
+def load_diffusion(spec) -> tuple[nn.Module, dict]:
+    """The denoiser of `spec` (the caller rounds it to storage and wraps it) and its facts."""
     if spec.source == "suite_trained":
-        from bench.diffusion import DDPMRecipe, load_ddpm
-
         recipe = DDPMRecipe(**(spec.recipe or {}))
         module, record, data = load_ddpm(recipe, spec.results)
         info = {"architecture": "TinyUNet", "image_side": data.side, "channels": 1, "dataset": data.name,
@@ -98,8 +96,4 @@ def load_diffusion(spec):
         raise ConfigError(f"model.source={spec.source} is not a diffusion source", "use suite_trained or diffusers")
     module.eval()
     module.bench_kind = "diffusion"
-    models.round_to_storage(module, models._DTYPES[spec.storage_dtype])
-    adapter = models.adapter_for(module)
-    info.update({"n_params": sum(p.numel() for p in module.parameters()), "n_blocks": 0,
-                 "n_block_linear_weights": adapter.n_block_linear_weights()})
-    return models.LoadedModel(spec, module, None, adapter, models.weights_sha256(module), info)
+    return module, info

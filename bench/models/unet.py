@@ -1,20 +1,21 @@
-"""Small image networks the suite trains itself for the offline diffusion track (plain torch, no download).
+"""The noise predictor the suite trains itself for the offline diffusion track (plain torch, no download).
 
 - `TinyUNet`: the DDPM noise predictor eps(x_t, t) of Ho et al. (2020) scaled down for 8x8 / 28x28 digits:
   sinusoidal timestep embedding -> 2-layer MLP, conv_in, per resolution `n_res` residual blocks (GroupNorm,
   SiLU, 3x3 conv, the timestep projected and added per channel, 3x3 conv, 1x1 skip when widths differ),
   strided-conv downsampling, two middle blocks, nearest-upsampling + conv with concatenated skips, and
   GroupNorm-SiLU-conv_out. No attention (at 8x8 it buys little and would be the only non-conv op).
-- `LeNet`: a LeNet-5-style classifier whose penultimate features define the Frechet distance `fd_lenet`.
 - `DiffusionAdapter`: the conv adapter with every Conv2d/Linear named by its role in the UNet
   (`time_mlp`, `conv_in`, `res.conv1`, `res.temb`, `res.conv2`, `res.skip`, `down`, `up`, `conv_out`) and
-  `block` = its order, so methods written against `linears()` (rtn, minifloat, ...) apply unchanged.
-  A `late` submodule (hybrid_sd's second denoiser) is not part of the base model and is not listed.
+  `block` = its order, so methods written against `linears()` (rtn, minifloat, ...) apply unchanged; the
+  UNet's resolution levels and its skip-concatenating layers for the methods that need them (binarydm,
+  qdiffusion). A `late` submodule (hybrid_sd's second denoiser) is not part of the base model and is not listed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -83,23 +84,9 @@ class TinyUNet(nn.Module):
             level.up = nn.Conv2d(c, c, 3, padding=1) if i > 0 else None
             self.up.append(level)
         self.norm_out, self.conv_out = _norm(c), nn.Conv2d(c, in_ch, 3, padding=1)
-        self.late: nn.Module | None = None  # hybrid_sd: a second denoiser for timesteps below late_below_t
-        self.late_below_t: int = -1
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t).reshape(-1).expand(x.shape[0]) if torch.as_tensor(t).numel() == 1 else t
-        if self.late is not None:  # hybrid: early (large-t) steps here, late (small-t) steps on `late`
-            small = t < self.late_below_t
-            if bool(small.all()):
-                return self.late(x, t)
-            if bool(small.any()):
-                out = torch.empty_like(x)
-                out[small] = self.late(x[small], t[small])
-                out[~small] = self._eps(x[~small], t[~small])
-                return out
-        return self._eps(x, t)
-
-    def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         temb = self.time_mlp(timestep_embedding(t, self.ch))
         h = self.conv_in(x)
         skips = [h]
@@ -120,25 +107,6 @@ class TinyUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class LeNet(nn.Module):
-    """LeNet-5 layout (conv 5x5 -> pool -> conv 5x5 -> pool -> 120 -> 84 -> classes), padded so that 8x8
-    inputs keep two poolings; `features` returns the 84-d penultimate activations."""
-
-    def __init__(self, in_ch: int = 1, n_classes: int = 10, image_size: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5, padding=2)
-        side = image_size // 4
-        self.fc1, self.fc2 = nn.Linear(16 * side * side, 120), nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, n_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
-        return F.relu(self.fc2(F.relu(self.fc1(h.flatten(1)))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.features(x))
 
 
 def _role(name: str, module: nn.Module) -> str:
@@ -152,7 +120,20 @@ def _role(name: str, module: nn.Module) -> str:
     return parts[-1]  # down / up resampling convs
 
 
+@dataclass
+class UNetLevel:
+    """One resolution level of a UNet: `name` is its module path ("down.0", "mid", "up.1"), `output` the module
+    whose output is the level's feature map."""
+
+    name: str
+    output: nn.Module
+
+
 class DiffusionAdapter(ConvAdapter):
+    """Every Conv2d/Linear of a denoiser by role, in order (`linears`), and for the suite's TinyUNet its levels
+    (`levels`) and the layers that read a skip connection concatenated to the decoder features
+    (`skip_concat_layers`), so methods never walk the network's attributes themselves."""
+
     def __init__(self, model: nn.Module, kind: str = "diffusion"):
         super().__init__(model, kind)
 
@@ -164,3 +145,33 @@ class DiffusionAdapter(ConvAdapter):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 yield LinearRef(index, _role(name, m), name, m)
                 index += 1
+
+    def unet(self) -> TinyUNet | None:
+        """The suite's TinyUNet, or None for another denoiser (a diffusers UNet, hybrid_sd's two-model wrapper)."""
+        return self.model if isinstance(self.model, TinyUNet) else None
+
+    def levels(self) -> list[UNetLevel]:
+        """Down levels (each ends in its last residual block), the middle, up levels: [] for other denoisers."""
+        unet = self.unet()
+        if unet is None:
+            return []
+        return ([UNetLevel(f"down.{i}", level.res[-1]) for i, level in enumerate(unet.down)]
+                + [UNetLevel("mid", unet.mid[-1])]
+                + [UNetLevel(f"up.{i}", level.res[-1]) for i, level in enumerate(unet.up)])
+
+    def skip_concat_layers(self) -> dict[str, int]:
+        """Layer name -> channels of the decoder part of its input, for each layer reading [decoder, skip]
+        concatenated (an up level's first conv and 1x1 shortcut of a residual block); {} for other denoisers."""
+        unet = self.unet()
+        if unet is None:
+            return {}
+        out: dict[str, int] = {}
+        names = {id(m): n for n, m in unet.named_modules()}
+        prev = unet.mid[-1].conv2.out_channels
+        for level in unet.up:
+            for block in level.res:
+                for layer in (block.conv1, block.skip):
+                    if isinstance(layer, nn.Conv2d) and layer.in_channels > prev:
+                        out[names[id(layer)]] = prev
+                prev = block.conv2.out_channels
+        return out

@@ -4,7 +4,7 @@ are configs, not code.
 Dynamic and symmetric, as SmoothQuant's fake-quant reference does it: the scale is the absmax of each
 token's input vector (`per_token`; for a conv, each pixel's channel vector) or of the whole input tensor
 (`per_tensor`), computed on the fly. Values go to signed integers (`bits`) or to a low-bit float format
-(`fmt`, e.g. fp4_e2m1, fp8_e4m3). Applied as a forward pre-hook on each block linear: the stored weights
+(`format_name`, e.g. fp4_e2m1, fp8_e4m3). Applied as a forward pre-hook on each block linear: the stored weights
 are untouched, execution is fake-quant.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import ConfigError, check_range
+from bench.layer_format import ActFormat
 from bench.quant.floating import float_format, round_to_format
 
 GRANULARITIES = ("per_token", "per_tensor")
@@ -24,35 +25,40 @@ GRANULARITIES = ("per_token", "per_tensor")
 class ActQuantSpec:
     bits: int | None = None  # None: activations stay in fp32
     granularity: str = "per_token"
-    fmt: str | None = None  # a float format name instead of integers (bits then follow the format)
+    format_name: str | None = None  # a float format (bench.quant.floating) instead of integers; bits follow it
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"activation granularity '{self.granularity}' is unknown",
                               f"use one of: {', '.join(GRANULARITIES)}")
-        if self.fmt is not None:
-            float_format(self.fmt)
+        if self.format_name is not None:
+            float_format(self.format_name)
         elif self.bits is not None:
             check_range("method.act_bits", self.bits, 2, 16)
 
     @property
     def enabled(self) -> bool:
-        return self.bits is not None or self.fmt is not None
+        return self.bits is not None or self.format_name is not None
 
     @property
     def tag(self) -> str:
-        if not self.enabled:
-            return "a16"
-        kind = self.fmt if self.fmt else f"a{self.bits}"
-        return f"{kind}-{self.granularity}-dynamic"
+        return self.format.label if self.enabled else "a16"
+
+    @property
+    def format(self) -> ActFormat:
+        """The layer format's activation part (enabled specs only)."""
+        if self.format_name:
+            bits = float_format(self.format_name).bits
+            return ActFormat(bits, "float", self.granularity, "dynamic", self.format_name)
+        return ActFormat(self.bits, "int", self.granularity, "dynamic")
 
 
 def fake_quant_activations(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
     xf = x.to(torch.float32)
     token_dim = 1 if x.dim() == 4 else -1  # a conv input (N, C, H, W): a pixel's channel vector is its token
     amax = xf.abs().amax(dim=token_dim, keepdim=True) if spec.granularity == "per_token" else xf.abs().amax()
-    if spec.fmt is not None:
-        fmt = float_format(spec.fmt)
+    if spec.format_name is not None:
+        fmt = float_format(spec.format_name)
         scale = (amax / fmt.max_value).clamp(min=1e-8)
         q, _ = round_to_format(xf / scale, fmt)
         return (q.to(torch.float32) * scale).to(x.dtype)
@@ -91,7 +97,6 @@ class ActivationQuantized:
     def runtime_hooks(self, model, packed):
         spec = self.act_spec
         if attach(model.adapter, spec):
-            suffix = f"+{spec.tag}"  # a restored artifact's layer formats already carry it
-            packed.layer_format = {k: v if v.endswith(suffix) else v + suffix for k, v in packed.layer_format.items()}
+            packed.layer_format = {k: v.with_act(spec.format) for k, v in packed.layer_format.items()}
             packed.info["activations"] = spec.tag
         return packed

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import ConfigError, check_range
-from bench.quant.packing import pack_bits, unpack_bits
+from bench.quant.bitpack import pack_bits, unpack_bits
 
 
 @dataclass
@@ -120,12 +120,6 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bo
     codes = to_codes(x, s, z, bits)
     return IntQuantized(codes.to(torch.uint8), scale, None if zero is None else zero.to(torch.uint8), bits, g,
                         symmetric)
-
-
-def int_format(bits: int, group_size: int, symmetric: bool) -> str:
-    """The layer-format label of an integer grid, e.g. int4-asym-g128 (ch = per output channel)."""
-    g = "ch" if group_size in (-1, 0) else f"g{group_size}"
-    return f"int{bits}-{'sym' if symmetric else 'asym'}-{g}"
 
 
 def stored_bias(module) -> dict[str, torch.Tensor]:

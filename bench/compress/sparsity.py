@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from bench.errors import ConfigError, check_range
+from bench.layer_format import LayerFormat
 from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import pack_bits, unpack_bits
@@ -125,7 +126,7 @@ class Pruning(Method):
         packed.per_layer.append({**layer_stats(ref, original, w), "sparsity": float((w == 0).float().mean())})
         ref.module.weight.data.copy_(w)
         packed.layers[ref.name] = {**stored_sparse(w, kept, self.spec), **stored_bias(ref.module)}
-        packed.layer_format[ref.name] = f"{self.name}-{self.spec.tag}-fp16"
+        packed.layer_format[ref.name] = LayerFormat.sparse(self.name, self.spec.tag)
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:

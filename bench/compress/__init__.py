@@ -1,0 +1,13 @@
+"""Family toolkits: the machinery several methods of one family share, so that a method plug-in (methods/) never
+imports another one.
+
+- `hessian`: the block-wise Hessian (OBS/GPTQ) machinery: per-block input Hessians, the calibration schedule, the
+  inverse-Hessian factor and GPTQ's column sweep (gptq, sparsegpt, wanda, billm, pbllm, baq).
+- `static_ptq`: per-channel integer weights with calibrated static activation ranges (static_ptq, hawq_v3,
+  minifloat, qdiffusion).
+- `rtn`: round-to-nearest integer weights with optional dynamic activation quantization (rtn, awq, smoothquant),
+  and the norm rescaling that moves a factor between a norm and the linears reading it.
+- `sign`: sign binarization with a per-row scale (sign, xnor).
+- `sparsity`: weight-pruning patterns, masks and the stored sparse form (magnitude, wanda, sparsegpt).
+- `depth`: removal of whole decoder blocks (shortgpt, sleb, foldgpt).
+"""
