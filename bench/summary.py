@@ -60,7 +60,7 @@ def print_summary(base: CellResult | None, result: CellResult) -> None:
     print(f"model {t.get(record.MODEL)} | hardware {t.get(record.HARDWARE)} ({threads} threads) | compute {prec}"
           f"{f' ({kernel})' if kernel else ''} | mlflow run {result.run_id}")
     print(f"reproduce: {t.get(record.COMMAND, '-')}")
-    vs_base = [n for n in record.task_metric_names(t) if "_vs_base." in n]
+    vs_base = [n for n in result.metrics if "_vs_base." in n and record.direction_tag(n) in t]  # task order
     if vs_base:  # e.g. KL divergence from the base model, which ties in perplexity can hide
         shown = [f"{n} {fmt(result.metrics.get(n))}{_interval(result.metrics, n)}" for n in vs_base]
         print("against the base model: " + "; ".join(shown))

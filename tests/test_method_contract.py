@@ -51,7 +51,7 @@ SPARSE = {"magnitude", "wanda", "sparsegpt"}
 REFUSED = {
     "cpu": set(),
     # + mixed widths, activation quantization, convolutions
-    "cpu_kernels": BINARY | FLOAT | SPARSE | {"baq", "edgeqat", "smoothquant", "static_ptq", "hawq_v3", "qdiffusion"},
+    "cpu_kernels": BINARY | FLOAT | SPARSE | {"baq", "edgeqat", "static_ptq", "hawq_v3", "qdiffusion"},
     "fpga_sim": LM_METHODS | BINARY | FLOAT,  # image models only; an integer MAC array
     "tflite": BINARY | FLOAT | SPARSE | {"baq", "hawq_v3"},  # mixed widths; hawq_v3's int4 activations
 }

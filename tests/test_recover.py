@@ -78,13 +78,11 @@ def test_cli_sign_then_rora_records_both_stages_and_leaves_the_baseline_alone(re
 
 
 def test_leaderboard_keeps_recovered_runs_apart_from_the_method_alone():
-    from types import SimpleNamespace
-
-    from bench.leaderboard.collect import _row_key
+    from bench.leaderboard.collect import StoredRun, _row_key
 
     def run(**params):
-        return SimpleNamespace(data=SimpleNamespace(params={"method.name": "sign", **params},
-                                                    tags={"bench.method": "sign"}))
+        return StoredRun("r", "FINISHED", 0, tags={"bench.method": "sign"}, metrics={},
+                         params={"method.name": "sign", **params})
     alone = _row_key(run(**{"recover.name": "none", "recover.rank": "64"}))
     rora = _row_key(run(**{"recover.name": "rora", "recover.rank": "64", "recover.seed": "0"}))
     assert alone[0] != rora[0]

@@ -256,7 +256,7 @@ def test_the_runner_records_training_and_a_cache_hit_keeps_it(store_results_dir,
     assert len(stage["loss_smoothed"]) == 6 and len(stage["lr"]) == 6 and set(stage["terms"]) == {"kd", "hidden_mse"}
     assert stage["validation"][0]["step"] == 0 and stage["heldout_samples"] == 8
     capsys.readouterr()
-    print_summary(runner, None, first)
+    print_summary(None, first)
     assert ("training did not converge: 1 of 1 stage(s) not converged; first: binarymos distillation: 6 steps: too "
             "few to judge") in capsys.readouterr().out
     _, second = Runner(cfg).run()  # the same cell again: the artifact is restored, its training record with it
