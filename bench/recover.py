@@ -1,7 +1,7 @@
 """`recover=`: a recovery fine-tuning stage that follows any method (`recover=lora|dora|rora`, default none).
 
 Low-rank adapters are added to every compressed block linear through PEFT and trained by knowledge
-distillation from the uncompressed model (KL on logits, the `bench.distill` loop) on the same calibration
+distillation from the uncompressed model (KL on logits, the `bench.compress.distill` loop) on the same calibration
 windows, steps and lr as every training-based method (`budget=`). The compressed weights stay frozen and
 stored as the method stored them; the adapters are kept beside them (not merged, which would undo the
 compression) and counted in bits/weight.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.distill import distill, kd_logits
+from bench.compress.distill import distill, kd_logits
 from bench.errors import ConfigError, NotApplicable, check_range
 from bench.layer_format import AdapterBranch
 from bench.training import TrainingRecord

@@ -98,7 +98,7 @@ def set_determinism(seed: int, threads: int) -> None:
 
 
 # core modules whose code computes a method's artifact (family toolkits, quantizers, distillation)
-TOOLKIT_MODULES = ("bench.compress.", "bench.quant.", "bench.distill", "bench.binary_conv")
+TOOLKIT_MODULES = ("bench.compress.", "bench.quant.")
 
 
 def method_code_files(cls: type) -> list[str]:

@@ -14,7 +14,7 @@ function of b * omega alone (largest, 0.1028, at b * omega ~ 0.955). The latent 
 kernel rescaled per output channel to b_r * omega = `init_b_omega` (b_r = mean|W_r|, the Laplace scale), which
 sets the QE the binarization starts from; the record carries it as predicted for a Laplace law and as measured.
 alpha_r starts at b_r / init_b_omega (times the layer's input magnitude), so that alpha * sin(omega * w) ~ W
-where the sine is near-linear. Activations, shortcuts, distillation and storage are bench.binary_conv's
+where the sine is near-linear. Activations, shortcuts, distillation and storage are bench.compress.binary_conv's
 (shared with `birealnet`); the reference's optional sin^2 regularizer (tau = 0 in its ImageNet stage 2) is not
 used. Stored: 1 bit per weight + one fp16 scale per output channel (+ bias).
 """
@@ -28,7 +28,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.binary_conv import BinaryConvMethod, WeightBinarizer
+from bench.compress.binary_conv import BinaryConvMethod, WeightBinarizer
 from bench.errors import ConfigError
 from bench.quant.binary import signs
 

@@ -8,7 +8,7 @@ Bi-Real's magnitude-aware weight gradient: scale_r = beta * mean|W_r| is compute
 the gradient reaches W through the scale as well as through sign (clipped straight-through estimator);
 beta is a learned per-layer factor standing in for the BatchNorm these networks lack (it starts at the layer's
 mean input magnitude). Trained by distillation from the full-precision model on the calibration images for
-`budget=` steps; activation binarization, shortcut, training loop and storage are bench.binary_conv's, shared
+`budget=` steps; activation binarization, shortcut, training loop and storage are bench.compress.binary_conv's, shared
 with `biper`. Stored: 1 bit per weight + one fp16 scale per output channel (+ bias).
 """
 
@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from bench.binary_conv import BinaryConvMethod, WeightBinarizer
+from bench.compress.binary_conv import BinaryConvMethod, WeightBinarizer
 from bench.quant.binary import clipped_sign, signs
 
 

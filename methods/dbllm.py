@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill, frozen_student
+from bench.compress.distill import distill, frozen_student
 from bench.errors import check_range
 from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill, kd_logits
+from bench.compress.distill import distill, kd_logits
 from bench.errors import check_range
 from bench.layer_format import ActFormat, LayerFormat
 from bench.models import adapter_for, round_to_storage

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.compress.depth import DepthPruning
-from bench.distill import distill, kd_logits
+from bench.compress.distill import distill, kd_logits
 from bench.errors import ConfigError, NumericalFailure, check_range
 from bench.models import round_to_storage
 from bench.training import StageRecord, TrainingRecord

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill, frozen_student, kd_logits
+from bench.compress.distill import distill, frozen_student, kd_logits
 from bench.errors import check_range
 from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats

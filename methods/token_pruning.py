@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.distill import distill, kd_logits
+from bench.compress.distill import distill, kd_logits
 from bench.errors import ArtifactCorrupt, ConfigError, NotApplicable
 from bench.image import count_macs
 from bench.models import round_to_storage

@@ -6,7 +6,7 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.distill import kd_logits
+from bench.compress.distill import kd_logits
 from bench.methods.l4q import L4Q
 from bench.methods.rtn import RTN
 from conftest import logits, random_calib

@@ -7,7 +7,7 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
-from bench.distill import kd_logits
+from bench.compress.distill import kd_logits
 from bench.errors import BenchError, NotApplicable
 from bench.methods.binarymos import BinaryMoS
 from bench.methods.sign import SignBinarization

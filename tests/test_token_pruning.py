@@ -11,7 +11,7 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.calib import CalibSet, CalibSpec
-from bench.distill import kd_logits
+from bench.compress.distill import kd_logits
 from bench.errors import ConfigError, NotApplicable
 from bench.methods.token_pruning import TokenPruning
 from bench.packed import Packed

@@ -1,4 +1,4 @@
-"""birealnet and biper (bench.binary_conv) on RLFN-S: two values per output channel, first/last untouched and
+"""birealnet and biper (bench.compress.binary_conv) on RLFN-S: two values per output channel, first/last untouched and
 recorded, shortcuts where shapes allow, the distillation lowers its loss, bits/weight from the artifact's
 bytes, identical outputs after restore, refusal of models without convs; BiPer's square wave and its QE."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench import models
-from bench.binary_conv import ApproxSign, keeps_shape
+from bench.compress.binary_conv import ApproxSign, keeps_shape
 from bench.budget import Budget
 from bench.cache import ArtifactStore
 from bench.calib import CalibSet, CalibSpec

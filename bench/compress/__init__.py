@@ -10,4 +10,11 @@ imports another one.
 - `sign`: sign binarization with a per-row scale (sign, xnor).
 - `sparsity`: weight-pruning patterns, masks and the stored sparse form (magnitude, wanda, sparsegpt).
 - `depth`: removal of whole decoder blocks (shortgpt, sleb, foldgpt).
+- `distill`: knowledge distillation from the uncompressed model on bench.training's loop (binarymos, onebit, dbllm,
+  l4q, edgeqat, foldgpt, token_pruning, and recover=).
+- `binary_conv`: binary convolutions with binary activations, real-valued shortcuts and their distillation
+  (birealnet, biper).
+
+The recovery stage (bench/recover.py) and the training loop with its convergence record (bench/training.py) stay
+in the core: they are axes and machinery of every run (recover=, suite-trained models), not one family's.
 """
