@@ -39,7 +39,7 @@ _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def check(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision={precision} is unknown",
-                          f"use precision=bf16 (mixed precision, bf16 matmuls) or precision=fp32 (the reference)")
+                          "use precision=bf16 (mixed precision, bf16 matmuls) or precision=fp32 (the reference)")
     return precision
 
 
