@@ -107,7 +107,7 @@ def build_site(results_dir: str | Path, out_dir: str | Path | None = None,
     env = Environment(loader=PackageLoader("bench.leaderboard", "templates"),
                       autoescape=select_autoescape(["html", "j2"], default=True), trim_blocks=True, lstrip_blocks=True)
     has_store = store_exists(results_dir)
-    store = tracking.tracking_uri(results_dir) if has_store else "none"
+    store = tracking.tracking_uri(results_dir) if has_store else "none here"
     exp_id = _experiment_id() if has_store else "0"
     n_published = sum(r.source == "published" for r in runs if r.status == "FINISHED")
     common = {"fmt": fmt, "num": num, "mb": mb, "root": "", "store": store, "has_store": has_store,
