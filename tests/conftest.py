@@ -226,3 +226,13 @@ def mlflow_runs(results: Path):
     client = MlflowClient()
     exp = client.get_experiment_by_name("bench")
     return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def board_column(page, header: str) -> list[str]:
+    """The cells of one column of a leaderboard page's table in a Playwright page (a cell's sort key where it has
+    one), by header text."""
+    idx = page.eval_on_selector_all("#board thead th", "(ths, h) => ths.findIndex(t => t.textContent.trim() === h)",
+                                    header)
+    assert idx >= 0, header
+    return page.eval_on_selector_all(f"#board tbody tr td:nth-child({idx + 1})",
+                                     "tds => tds.map(td => td.dataset.sort ?? td.textContent.trim())")

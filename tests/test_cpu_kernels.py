@@ -36,6 +36,17 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _assert_kernels_equal_fake_quant(packed, deployed, kernel_type):
+    """Every compressed layer runs on a `kernel_type` module whose output is the fake-quant layer's to float
+    rounding (relative max error < 1e-5)."""
+    x = torch.randn(2, 5, 256)
+    with torch.inference_mode():
+        for name, fake, kernel in _layer_pairs(packed, deployed):
+            assert isinstance(kernel, kernel_type)
+            xi = x[..., :fake.in_features]
+            assert _rel(kernel(xi), fake(xi)) < 1e-5, name
+
+
 @pytest.mark.parametrize("method", [RTN(bits=4, group_size=32), RTN(bits=4, group_size=-1, symmetric=True),
                                     RTN(bits=2, group_size=64), RTN(bits=8, group_size=32),
                                     GPTQ(bits=4, group_size=32, act_order=True), ABQ(bits=4, group_size=32)],
@@ -45,12 +56,7 @@ def test_matmulnbits_layer_equals_the_fake_quant_layer(tiny_llama, method):
     backend takes any integer grid of stored_int_layer's tensors, whichever method wrote it (abq's int4 too)."""
     calib = random_calib() if method.needs_calibration else None
     packed, deployed = _deployed(tiny_llama, method, calib, accuracy_level=1)
-    x = torch.randn(2, 5, 256)
-    with torch.inference_mode():
-        for name, fake, kernel in _layer_pairs(packed, deployed):
-            assert isinstance(kernel, MatMulNBitsLinear)
-            xi = x[..., :fake.in_features]
-            assert _rel(kernel(xi), fake(xi)) < 1e-5, name
+    _assert_kernels_equal_fake_quant(packed, deployed, MatMulNBitsLinear)
     assert deployed.execution.startswith("ort-matmulnbits-int")
 
 
@@ -159,12 +165,7 @@ def test_onednn_int8_layer_equals_the_w8a8_fake_quant_layer(tiny_llama, method):
     calib = random_calib() if method.needs_calibration else None
     packed, deployed = _deployed(tiny_llama, method, calib)
     assert all(str(f).endswith(f"+a8-{method.act_granularity}-dynamic") for f in packed.layer_format.values())
-    x = torch.randn(2, 5, 256)
-    with torch.inference_mode():
-        for name, fake, kernel in _layer_pairs(packed, deployed):
-            assert isinstance(kernel, OnednnInt8Linear)
-            xi = x[..., :fake.in_features]
-            assert _rel(kernel(xi), fake(xi)) < 1e-5, name
+    _assert_kernels_equal_fake_quant(packed, deployed, OnednnInt8Linear)
     assert deployed.execution.startswith("torch-int8-onednn-")
     assert deployed.execution.endswith(f"-a8-{method.act_granularity}")
 

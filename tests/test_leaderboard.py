@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_runs, run_cli
+from conftest import board_column, mlflow_runs, run_cli
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 XSS = "<script>alert(1)</script>"
@@ -86,14 +86,6 @@ def _open(browser, url: str):
     return page, problems
 
 
-def _column(page, header: str) -> list[str]:
-    idx = page.eval_on_selector_all("#board thead th", "(ths, h) => ths.findIndex(t => t.textContent.trim() === h)",
-                                    header)
-    assert idx >= 0, header
-    return page.eval_on_selector_all(f"#board tbody tr td:nth-child({idx + 1})",
-                                     "tds => tds.map(td => td.dataset.sort ?? td.textContent.trim())")
-
-
 def test_pages_in_chromium_show_stored_numbers_sort_and_plot(swept, browser, tmp_path):
     results, site, _ = swept
     index, problems = _open(browser, (site / "index.html").as_uri())
@@ -105,17 +97,17 @@ def test_pages_in_chromium_show_stored_numbers_sort_and_plot(swept, browser, tmp
     metric = "wikitext2.ppl_token.gptq_s2048.first6"
     methods = [t.split(" ")[0] for t in page.eval_on_selector_all(
         "#board tbody tr td:nth-child(2)", "tds => tds.map(td => td.textContent.trim())")]
-    shown = [float(v) for v in _column(page, metric)]
+    shown = [float(v) for v in board_column(page, metric)]
     assert sorted(methods) == ["none", "rtn", "sign"]
     for m, v in zip(methods, shown):
         assert v == stored[m].data.metrics[metric]  # the exact stored float, not a rounded copy
     assert shown == sorted(shown)  # ranked best (lowest perplexity) first
     # sorting by a column: click once ascending, again descending
     page.click("#board thead th:text-is('bits/weight')")
-    bits = [float(v) for v in _column(page, "bits/weight")]
+    bits = [float(v) for v in board_column(page, "bits/weight")]
     assert bits == sorted(bits) and len(set(bits)) == 3
     page.click("#board thead th:text-is('bits/weight')")
-    assert [float(v) for v in _column(page, "bits/weight")] == sorted(bits, reverse=True)
+    assert [float(v) for v in board_column(page, "bits/weight")] == sorted(bits, reverse=True)
     # filtering hides rows, clearing shows them again
     page.fill("input.filter", "quantization")
     assert page.locator("#board tbody tr:visible").count() == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose, mlflow_runs, run_cli, run_tiny
+from conftest import ROOT, board_column, compose, mlflow_runs, run_cli, run_tiny
 
 FIXTURES = ROOT / "tests" / "fixtures" / "records"
 
@@ -291,7 +291,7 @@ def test_every_page_renders_without_errors_and_every_plot_draws_every_row(publis
         if html in board_pages:
             ranks = page.eval_on_selector_all("#board tbody tr", "trs => trs.map(tr => tr.cells[0].textContent.trim())")
             values = page.eval_on_selector_all("#board tbody td.headline", "tds => tds.map(td => td.dataset.sort)")
-            bits = _column(page, "bits/weight")
+            bits = board_column(page, "bits/weight")
             plotted = [p.get_attribute("src") for p in page.query_selector_all(".plots img")]
             assert any(src.endswith("__bits.svg") for src in plotted)
             for src in plotted:
@@ -304,14 +304,6 @@ def test_every_page_renders_without_errors_and_every_plot_draws_every_row(publis
     context.close()
 
 
-def _column(page, header: str) -> list[str]:
-    idx = page.eval_on_selector_all("#board thead th", "(ths, h) => ths.findIndex(t => t.textContent.trim() === h)",
-                                    header)
-    assert idx >= 0, header
-    return page.eval_on_selector_all(f"#board tbody tr td:nth-child({idx + 1})",
-                                     "tds => tds.map(td => td.dataset.sort ?? td.textContent.trim())")
-
-
 def test_sorting_filtering_and_the_copy_button_on_the_wikitext_page(published_site, browser):
     context = browser.new_context(viewport={"width": 1500, "height": 1000})
     context.grant_permissions(["clipboard-read", "clipboard-write"])
@@ -322,10 +314,10 @@ def test_sorting_filtering_and_the_copy_button_on_the_wikitext_page(published_si
     assert n >= 7
     assert page.locator("#board tbody tr td.source:has-text('published')").count() == n
     page.click("#board thead th:text-is('bits/weight')")
-    bits = [float(v) for v in _column(page, "bits/weight")]
+    bits = [float(v) for v in board_column(page, "bits/weight")]
     assert bits == sorted(bits)
     page.click("#board thead th:text-is('bits/weight')")
-    assert [float(v) for v in _column(page, "bits/weight")] == sorted(bits, reverse=True)
+    assert [float(v) for v in board_column(page, "bits/weight")] == sorted(bits, reverse=True)
     page.fill("input.filter", "pruning")  # the family of magnitude, the page's only pruning row
     assert page.locator("#board tbody tr:visible").count() == 1
     page.fill("input.filter", "")
