@@ -83,6 +83,7 @@ def int8_activations(act: ActFormat | None) -> str | None:
         return None
     return act.granularity if act.granularity in ("per_token", "per_tensor") else None
 
+
 _NO_KERNEL = {"binary": "binary weights ({}): no binary (xnor/popcount) kernel on this backend",
               "ternary": "ternary weights ({}): no ternary kernel on this backend",
               "float": "floating-point weight format ({}): no low-bit float kernel on this backend"}
