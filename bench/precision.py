@@ -1,4 +1,9 @@
-"""Compute precision: how a run's forwards are computed (`precision=bf16 | fp32`), never how weights are stored.
+"""Compute precision: how a run's forwards are computed, never how weights are stored.
+
+Two keys, because the two halves of a run differ in what bf16 does to them (measured, docs/running.md):
+`precision` computes evaluation, deployment and timing (the metric's protocol; bf16 moved no full-WikiText-2
+perplexity by more than 0.1%), `compress_precision` the method's calibration and training forwards (bf16 moved
+gptq W3's stored result, and so its perplexity, by 6.8%). Both take `bf16 | fp32`.
 
 `fp32` is the reference protocol: every op in float32, as the suite computed before this axis existed.
 `bf16` is mixed precision in the manner of `torch.autocast` on the CPU: matmuls, linears, convolutions and
@@ -36,10 +41,10 @@ REFERENCE = "fp32"
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def check(precision: str) -> str:
+def check(precision: str, key: str = "precision") -> str:
     if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision} is unknown",
-                          "use precision=bf16 (mixed precision, bf16 matmuls) or precision=fp32 (the reference)")
+        raise ConfigError(f"{key}={precision} is unknown",
+                          f"use {key}=bf16 (mixed precision, bf16 matmuls) or {key}=fp32 (the reference)")
     return precision
 
 

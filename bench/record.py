@@ -39,7 +39,8 @@ CALIB_SHA256 = "bench.calib_sha256"  # their content hash (only when calibration
 BUDGET = "bench.budget"
 SEED = "bench.seed"
 THREADS = "bench.threads"
-PRECISION = "bench.precision"  # fp32 | bf16 compute of every forward
+PRECISION = "bench.precision"  # fp32 | bf16 compute of evaluation and timing (of every forward in older runs)
+COMPRESS_PRECISION = "bench.compress_precision"  # fp32 | bf16 compute of calibration and training forwards
 CONFIG_HASH = "bench.config_hash"  # cell_hash(): the cell's identity
 SWEEP = "bench.sweep"  # the sweep id, "-" for a single run
 CELL = "bench.cell"  # a failed sweep cell's overrides, on the FAILED run recorded for it
@@ -169,6 +170,8 @@ def cell_identity(cfg) -> dict:
     c.pop("hydra", None)
     if (c.get("recover") or {}).get("name") == "none":  # no recovery stage: its unused knobs do not split cells
         c["recover"] = {"name": "none"}
+    if c.get("compress_precision") == c.get("precision"):  # one precision throughout: the cell as recorded
+        c.pop("compress_precision", None)                # before the key existed keeps its hash
     return c
 
 

@@ -14,6 +14,10 @@ its head (e.g. logit soft-capping) is never cached, its forward runs every time.
 would take 2048 x 49152 values per window (~30 GB for WikiText-2's 148 windows); caching only the top-k
 log-probabilities would make the divergence a lower bound instead of exact.
 
+The baseline cell evaluates the base model itself: its task takes the logits from `logits()` instead of a forward
+of its own (`Reference(..., is_evaluated=True)`), so the baseline's evaluation fills the cache and the first
+compressed run of a fresh store does not run the base model's forward over the same windows again.
+
 `next_token_divergence` is the measure llama.cpp's perplexity tool reports with `--kl-divergence`
 (tools/perplexity/perplexity.cpp, read for its definitions): per token KL(P_base || P) = sum_v P_base(v)
 (log P_base(v) - log P(v)) in nats, and whether both models' top-1 tokens (argmax, first index on ties) agree
@@ -39,8 +43,9 @@ FORMAT = "head-input-1"  # what a cache entry holds; a change here invalidates e
 class Reference:
     """The base model a run loaded, answering with its logits on the ids a task evaluates (see the module doc)."""
 
-    def __init__(self, base: LoadedModel, cache_root: str | Path | None = None):
+    def __init__(self, base: LoadedModel, cache_root: str | Path | None = None, is_evaluated: bool = False):
         self.base = base
+        self.is_evaluated = is_evaluated  # the model the task evaluates is this base model (the baseline cell)
         self.store = ArtifactStore(cache_root) if cache_root is not None else None
         self.cacheable = True  # False once the base model's logits are shown not to be head(head input)
         self.hits = self.misses = 0

@@ -73,6 +73,7 @@ def check_top_level(cfg: DictConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise ConfigError(f"{key}={value} is not an integer >= {lo}", f"e.g. {key}={example}")
     precision.check(cfg.precision)
+    precision.check(cfg.compress_precision, "compress_precision")
 
 
 def _import(target: str):
@@ -165,22 +166,29 @@ class Runner:
                 record.SWEEP: record.sweep_id() or "-",
                 record.TASK_KEY: self._task_key(), record.MODEL_WEIGHTS_SHA256: model.weights_sha256,
                 record.GIT_COMMIT: tracking.git_commit(), record.THREADS: str(self.cfg.threads),
-                record.PRECISION: self.cfg.precision}
-        tags.update({f"{record.PRECISION_PREFIX}{k}": v for k, v in precision.kernels(self.cfg.precision).items()})
+                record.PRECISION: self.cfg.precision, record.COMPRESS_PRECISION: self.cfg.compress_precision}
+        kernels = precision.kernels("bf16" if "bf16" in (self.cfg.precision, self.cfg.compress_precision) else "fp32")
+        tags.update({f"{record.PRECISION_PREFIX}{k}": v for k, v in kernels.items()})
         tags.update({f"{record.VERSION_PREFIX}{k}": v for k, v in tracking.package_versions().items()})
         tags.update({f"{record.MACHINE_PREFIX}{k}": v for k, v in tracking.machine().items()})
         return tags
 
     def _compute(self):
-        """Every forward of the cell (compression, recovery, evaluation, deployment, timing) runs in this."""
+        """Evaluation, deployment and timing forwards run in this (the metric's protocol)."""
         return precision.compute(self.cfg.precision)
+
+    def _compress_compute(self):
+        """The method's and the recovery stage's calibration and training forwards run in this."""
+        return precision.compute(self.cfg.compress_precision)
 
     def _reference(self, model: models.LoadedModel, method: Method, recover: Recovery) -> Reference | None:
         """What a task comparing with the base model gets: the base model this run loaded (its per-window results
-        cached under results/data_cache/reference); nothing for the baseline cell, which is that model."""
-        if not type(self.task).needs_reference or (type(method).family == "baseline" and not recover.enabled):
+        cached under results/data_cache/reference). The baseline cell evaluates that model itself, so its
+        evaluation fills the cache (`is_evaluated`)."""
+        if not type(self.task).needs_reference:
             return None
-        return Reference(model, os.path.join(self.results, "data_cache", "reference"))
+        is_base = type(method).family == "baseline" and not recover.enabled
+        return Reference(model, os.path.join(self.results, "data_cache", "reference"), is_evaluated=is_base)
 
     def _evaluate(self, evaluated: models.LoadedModel, reference: Reference | None):
         with self._compute():
@@ -200,10 +208,10 @@ class Runner:
                         "budget": budget}
             run.tag({record.CALIB_SET: calib.describe, record.CALIB_SHA256: calib.sha256})
         parts = [model.weights_sha256, method_cfg, calib_id, self.cfg.seed, method_code_hash(method)]
-        if calib is not None and self.cfg.precision != precision.REFERENCE:
+        if calib is not None and self.cfg.compress_precision != precision.REFERENCE:
             # calibration and training forwards ran in this precision, so the stored result depends on it;
             # fp32 keys stay as they were before the axis existed, and data-free methods share one artifact
-            parts.append({"precision": self.cfg.precision})
+            parts.append({"precision": self.cfg.compress_precision})
         if recover.enabled:  # a recovered model is another artifact; unrecovered keys stay as they were
             parts += [OmegaConf.to_container(self.cfg.recover, resolve=True), file_sha256(recover_mod.__file__)[:16]]
         key = content_key(*parts)
@@ -224,7 +232,7 @@ class Runner:
                 run.tag({record.CACHE_DISCARDED: e.problem})
                 print(f"bench: warning: {e.problem}; rebuilding it", file=sys.stderr)
         set_determinism(self.cfg.seed, self.cfg.threads)
-        with self._compute():
+        with self._compress_compute():
             packed = method.compress(models.clone(model), calib, self.budget)
             if recover.enabled:
                 packed = recover.apply(model.module, models.with_module(model, packed.model), packed, calib,
@@ -311,8 +319,8 @@ class Runner:
                 if deployed is not packed:  # real kernels: the accuracy of what runs, beside the torch model's
                     timings["deploy_s"] = time.perf_counter() - t0
                     t1 = time.perf_counter()
-                    metrics.update(self._evaluate_deployed(run, evaluated, packed, deployed, task_metrics,
-                                                           reference))
+                    compared = None if reference is not None and reference.is_evaluated else reference
+                    metrics.update(self._evaluate_deployed(run, evaluated, packed, deployed, task_metrics, compared))
                     late_tags[record.DEPLOYED_EXECUTION] = deployed.execution
                     timings["evaluate_deployed_s"] = time.perf_counter() - t1
                     t0 = time.perf_counter()

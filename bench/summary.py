@@ -57,6 +57,9 @@ def print_summary(base: CellResult | None, result: CellResult) -> None:
     prec = t.get(record.PRECISION, "fp32")
     kernel = t.get(f"{record.PRECISION_PREFIX}bf16_matmul")
     threads = t.get(f"{record.HARDWARE_PREFIX}threads", "?")
+    compress = t.get(record.COMPRESS_PRECISION, prec)
+    if compress != prec and record.CALIB_SHA256 in t:  # only said where calibration or training ran
+        prec = f"{prec} (calibration and training {compress})"
     print(f"model {t.get(record.MODEL)} | hardware {t.get(record.HARDWARE)} ({threads} threads) | compute {prec}"
           f"{f' ({kernel})' if kernel else ''} | mlflow run {result.run_id}")
     print(f"reproduce: {t.get(record.COMMAND, '-')}")

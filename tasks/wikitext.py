@@ -87,11 +87,15 @@ class WikiText2Perplexity(Task):
         if self.limit:
             n_windows = min(n_windows, self.limit)
         module = model.module
-        compare = self.kl_vs_base and reference is not None
+        compare = self.kl_vs_base and reference is not None and not reference.is_evaluated
+        fill = self.kl_vs_base and reference is not None and reference.is_evaluated  # the base's own evaluation
         nlls, token_kld, top1 = [], [], []
         for i in tqdm(range(n_windows), desc=f"wikitext2 ppl (s{self.seqlen})", unit="window"):
             batch = ids[:, i * self.seqlen:(i + 1) * self.seqlen]
-            logits = module(batch, use_cache=False).logits.float()
+            if fill:  # the same forward, through the reference: later runs find this window's base logits cached
+                logits = reference.logits(batch, self.protocol_version).float()
+            else:
+                logits = module(batch, use_cache=False).logits.float()
             loss = F.cross_entropy(logits[0, :-1], batch[0, 1:])
             nlls.append(float(loss))
             if compare:

@@ -230,6 +230,34 @@ def test_labels_name_the_settings_that_differ_from_defaults_or_across_the_page(r
     assert [r.label for r in pages["u"].rows] == ["gptq (bits=3)", "mine"]
 
 
+def test_precisions_split_pages_and_a_mixed_calibration_precision_is_named(results_dir):
+    """bf16 and fp32 evaluations are separate pages; on one page, a calibrated method's rows computed with another
+    calibration precision than the page's are separate rows and say so; a run recorded before compress_precision
+    existed counts as calibrated in its evaluation precision, and a data-free method has no calibration to name."""
+    from bench import tracking
+    from bench.leaderboard.collect import build_pages
+
+    tracking.setup(results_dir)
+    for method, prec, compress, calibrated, value in [("gptq", "bf16", "fp32", True, 40.0),
+                                                      ("gptq", "bf16", "bf16", True, 41.0),
+                                                      ("gptq", "bf16", None, True, 41.5),  # before the key
+                                                      ("gptq", "fp32", "fp32", True, 42.0),
+                                                      ("rtn", "bf16", "fp32", False, 60.0)]:
+        tags = {"bench.method": method, "bench.task": "t", "bench.model": "x", "bench.seed": "0",
+                "bench.hardware": "cpu", "metric.ppl.direction": "lower", "bench.primary_metric": "ppl",
+                "bench.precision": prec, "bench.calib": "c", "bench.budget": "b"}
+        tags.update({"bench.compress_precision": compress} if compress else {})
+        tags.update({"bench.calib_sha256": "0" * 64} if calibrated else {})
+        with tracking.Run("r", {"method": {"name": method}, "seed": 0}, tags) as run:
+            run.metrics({"ppl": value})
+    pages = {p.precision: p for p in build_pages(results_dir)[0]}
+    assert sorted(pages) == ["bf16", "fp32"]
+    # bf16 throughout, recorded with and without the key: one row (one seed; its newest run counts)
+    assert [(r.label, r.value) for r in pages["bf16"].rows] == [("gptq (compress_precision=fp32)", 40.0),
+                                                                ("gptq", 41.5), ("rtn", 60.0)]
+    assert [(r.label, r.value) for r in pages["fp32"].rows] == [("gptq", 42.0)]
+
+
 def _train_run(method, family, steps, value, converged, commit="a" * 40, tokens_per_step=512):
     """A run as the runner records a training method (train.* metrics, convergence tag) or, with steps=None, a
     PTQ method (no training record)."""

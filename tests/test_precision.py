@@ -45,6 +45,8 @@ def test_unknown_precision_is_one_line():
 
     with pytest.raises(ConfigError, match="precision=half is unknown"):
         Runner(compose("precision=half"))
+    with pytest.raises(ConfigError, match=r"compress_precision=fp16 is unknown; use compress_precision=bf16"):
+        Runner(compose("compress_precision=fp16"))
 
 
 def test_kernels_say_what_runs():
@@ -57,25 +59,35 @@ def test_kernels_say_what_runs():
 
 
 def test_precision_in_config_hash_tags_and_artifact_key(store_results_dir, tiny_llama_dir, small_wikitext):
-    """A bf16 cell is another cell than its fp32 twin: its own config hash, its tags say bf16, and a calibrated
-    method's artifact is keyed by the precision its calibration forwards ran in; a data-free method shares one."""
+    """`precision` (evaluation) and `compress_precision` (calibration, training) are both in the cell's identity
+    and tags; a calibrated method's artifact is keyed by the precision its calibration forwards ran in, never by
+    the evaluation's, and a data-free method shares one artifact. A cell run in one precision throughout keeps the
+    hash it had before `compress_precision` existed."""
+    from omegaconf import OmegaConf
+
     from bench import record
 
     assert record.cell_hash(compose("precision=bf16")) != record.cell_hash(compose("precision=fp32"))
+    assert record.cell_hash(compose("compress_precision=bf16")) != record.cell_hash(compose("compress_precision=fp32"))
+    same = OmegaConf.to_container(compose("precision=bf16", "compress_precision=bf16"), resolve=True)
+    assert record.cell_hash(same) == record.cell_hash({k: v for k, v in same.items() if k != "compress_precision"})
     cells = {}
     for method in ("rtn", "gptq"):
-        for prec in ("fp32", "bf16"):
-            cells[method, prec] = run_tiny(store_results_dir, tiny_llama_dir, small_wikitext, f"method={method}",
-                                           f"precision={prec}")
-    for (method, prec), cell in cells.items():
-        assert cell.tags["bench.precision"] == prec
-        assert ("precision.bf16_matmul" in cell.tags) == (prec == "bf16")
+        for prec, compress in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16")):
+            cells[method, prec, compress] = run_tiny(store_results_dir, tiny_llama_dir, small_wikitext,
+                                                     f"method={method}", f"precision={prec}",
+                                                     f"compress_precision={compress}")
+    for (method, prec, compress), cell in cells.items():
+        assert cell.tags["bench.precision"] == prec and cell.tags["bench.compress_precision"] == compress
+        assert ("precision.bf16_matmul" in cell.tags) == ("bf16" in (prec, compress))
         assert all(math.isfinite(v) for v in cell.metrics.values())
     runs = {r.info.run_id: r for r in mlflow_runs(store_results_dir)}
     key = {k: runs[c.run_id].data.tags["bench.artifact_key"] for k, c in cells.items()}
-    assert key["rtn", "fp32"] == key["rtn", "bf16"]  # no forward ran: the same artifact
-    assert key["gptq", "fp32"] != key["gptq", "bf16"]
-    assert runs[cells["rtn", "bf16"].run_id].data.tags["bench.cache"] == "hit"
+    assert len({key["rtn", p, c] for p, c in (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))}) == 1
+    assert key["gptq", "fp32", "fp32"] == key["gptq", "bf16", "fp32"] != key["gptq", "bf16", "bf16"]
+    assert runs[cells["gptq", "bf16", "fp32"].run_id].data.tags["bench.cache"] == "hit"
+    ppl = cells["gptq", "fp32", "fp32"].tags["bench.primary_metric"]  # the same artifact, evaluated in two precisions
+    assert cells["gptq", "fp32", "fp32"].metrics[ppl] != cells["gptq", "bf16", "fp32"].metrics[ppl]
 
 
 @pytest.mark.slow

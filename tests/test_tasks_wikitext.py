@@ -186,8 +186,9 @@ def test_reference_is_not_cached_when_the_logits_are_not_the_heads_output(tiny_l
 
 
 def test_runs_record_kl_against_the_base_model_they_loaded(store_results_dir, tiny_byte_llama_dir, small_wikitext):
-    """Through the Runner: a compressed cell records the three comparisons with their intervals and directions,
-    the baseline cell none (it is the reference); later cells reuse the base model's cached windows, and another
+    """Through the Runner: the baseline cell records no comparison (it is the reference) but its evaluation fills
+    the reference cache, with the same perplexity as its own forward gives; a compressed cell then records the
+    three comparisons with their intervals and directions from that cache, without a base forward; another
     precision caches its own."""
     from conftest import run_tiny
 
@@ -195,6 +196,13 @@ def test_runs_record_kl_against_the_base_model_they_loaded(store_results_dir, ti
         return run_tiny(store_results_dir, tiny_byte_llama_dir, small_wikitext, "task.limit=2", *overrides)
 
     names = [f"wikitext2.{n}.gptq_s64.first2" for n in KL_NAMES]
+    ppl = "wikitext2.ppl_token.gptq_s64.first2"
+    base = run("method=none")
+    assert ppl in base.metrics and not any(n in base.metrics for n in names)
+    assert base.metrics[ppl] == run("method=none", "task.kl_vs_base=false").metrics[ppl]  # same forward
+    cache = store_results_dir / "data_cache" / "reference"
+    written = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(written) == 2  # one per window, by the baseline's evaluation
     rtn = run("method=rtn", "method.bits=3", "method.group_size=32")
     kld, p99, top1 = (rtn.metrics[n] for n in names)
     assert 0 < kld < p99 and 0 <= top1 <= 1
@@ -202,14 +210,9 @@ def test_runs_record_kl_against_the_base_model_they_loaded(store_results_dir, ti
         assert rtn.metrics[f"{n}.ci95_low"] <= rtn.metrics[n] <= rtn.metrics[f"{n}.ci95_high"]
         assert f"{n}.stderr" in rtn.metrics
     assert [rtn.tags[f"metric.{n}.direction"] for n in names] == ["lower", "lower", "higher"]
-    assert rtn.tags["bench.primary_metric"] == "wikitext2.ppl_token.gptq_s64.first2"
-    cache = store_results_dir / "data_cache" / "reference"
-    written = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
-    assert len(written) == 2  # one per window
-    base = run("method=none")
-    assert "wikitext2.ppl_token.gptq_s64.first2" in base.metrics and not any(n in base.metrics for n in names)
+    assert rtn.tags["bench.primary_metric"] == ppl
     sign = run("method=sign")
     assert sign.metrics[names[0]] > 0
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == written  # read, not rewritten
-    bf16 = run("method=rtn", "method.bits=3", "method.group_size=32", "precision=bf16")
-    assert bf16.metrics[names[0]] > 0 and len(list(cache.glob("*.safetensors"))) == 4
+    fp32 = run("method=rtn", "method.bits=3", "method.group_size=32", "precision=fp32")
+    assert fp32.metrics[names[0]] > 0 and len(list(cache.glob("*.safetensors"))) == 4

@@ -97,6 +97,7 @@ class Row:
     calib: str
     budget: str
     budget_params: dict = field(default_factory=dict)  # the budget's settings, when the method used one
+    compress_precision: str = "-"  # what its calibration/training forwards computed in, when it had any
     paper: str = ""
     summary: str = ""
     label: str = ""
@@ -281,7 +282,7 @@ def _backend_cell(run: StoredRun, head: str) -> BackendCell:
     return cell
 
 
-def _row_key(run: StoredRun) -> tuple[str, dict, str, str, dict]:
+def _row_key(run: StoredRun) -> tuple[str, dict, str, str, dict, str]:
     params = run.params
     method_params = {k[len("method."):]: v for k, v in params.items()
                      if k.startswith("method.") and k[len("method."):] not in SKIP_METHOD_PARAMS}
@@ -292,8 +293,11 @@ def _row_key(run: StoredRun) -> tuple[str, dict, str, str, dict]:
     budget = run.tags.get(record.BUDGET, "-") if used_calib else "-"
     budget_params = {k[len("budget."):]: v for k, v in params.items()
                      if used_calib and k.startswith("budget.") and k[len("budget."):] not in SKIP_BUDGET_PARAMS}
-    key = json.dumps([run.tags.get(record.METHOD), method_params, calib, budget, budget_params], sort_keys=True)
-    return key, method_params, calib, budget, budget_params
+    # the precision of calibration and training changes the stored model (runs before the key: the run's precision)
+    compress = run.tags.get(record.COMPRESS_PRECISION, run_precision(run)) if used_calib else "-"
+    key = [run.tags.get(record.METHOD), method_params, calib, budget, budget_params]
+    key += [compress] if compress not in ("-", run_precision(run)) else []  # older row keys stay as they were
+    return json.dumps(key, sort_keys=True), method_params, calib, budget, budget_params, compress
 
 
 def _label_rows(rows: list[Row]) -> None:
@@ -318,6 +322,8 @@ def _label_rows(rows: list[Row]) -> None:
             extra = [f"{k}={r.method_params.get(k)}" for k in sorted(shown)]
             if len({x.calib for x in same}) > 1:
                 extra.append(f"calib={r.calib}")
+            if r.compress_precision not in ("-", run_precision(r.runs[0])):  # not the page's precision: said
+                extra.append(f"compress_precision={r.compress_precision}")
             r.config_label = r.method + (f" ({', '.join(extra)})" if extra else "")
             if len({x.budget for x in same}) > 1:
                 extra.append(f"budget={r.budget}")
@@ -412,10 +418,10 @@ def _backend_rank(name: str) -> tuple[int, str]:
 
 
 def _make_row(runs: list[StoredRun], head: str) -> Row:
-    _, method_params, calib, budget, budget_params = _row_key(runs[0])
+    _, method_params, calib, budget, budget_params, compress = _row_key(runs[0])
     t0 = runs[0].tags
     row = Row(t0.get(record.METHOD, "?"), t0.get(record.METHOD_FAMILY, ""), method_params, calib, budget,
-              budget_params, paper=t0.get(record.METHOD_PAPER, ""), summary=t0.get(record.METHOD_SUMMARY, ""))
+              budget_params, compress, paper=t0.get(record.METHOD_PAPER, ""), summary=t0.get(record.METHOD_SUMMARY, ""))
     by_backend = defaultdict(list)
     for r in runs:
         by_backend[r.tags.get(record.HARDWARE, "?")].append(r)
