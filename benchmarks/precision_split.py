@@ -1,7 +1,8 @@
 """Where a calibrated method's fp32-vs-bf16 difference comes from: its calibration or its evaluation.
 
-`precision=bf16` changes two things for a calibrated method: the forwards that compute its artifact (calibration
-inputs, Hessians' inputs, distillation) and the forwards that evaluate it. This script crosses them. It restores two
+A run in bf16 throughout changes two things for a calibrated method: the forwards that compute its artifact
+(calibration inputs, Hessians' inputs, distillation; `compress_precision=`) and the forwards that evaluate it
+(`precision=`). This script crosses them (it is what split the two into separate keys). It restores two
 stored artifacts of the same cell, one computed at fp32 and one at bf16 (given as the MLflow run ids that wrote them;
 their `bench.artifact_key` tags name the files), and evaluates each at fp32 and at bf16 on the first --windows
 2048-token windows of the GPTQ protocol, interleaved, one process, one model load:
