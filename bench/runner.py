@@ -337,7 +337,7 @@ class Runner:
             run.tag(late_tags)
             run.metrics(metrics)
             run.text_artifact(OmegaConf.to_yaml(params), record.CONFIG_FILE)  # the cell's config, as run
-            return CellResult(run.id, method_cfg["name"], metrics, {**tags, **late_tags}, timings)
+            return CellResult(run.id, method_cfg["name"], metrics, dict(run.tags), timings)
 
     @staticmethod
     def _training_artifacts(run, training: TrainingRecord) -> None:

@@ -159,6 +159,7 @@ class Run:
 
     def tag(self, tags: dict) -> None:
         retry(mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+        self.tags = {**self.tags, **tags}  # every tag the run has, for what the caller reports of it
 
     def json_artifact(self, obj, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:

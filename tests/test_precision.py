@@ -58,7 +58,7 @@ def test_kernels_say_what_runs():
     assert "bf16_matmul" not in precision.kernels("fp32")
 
 
-def test_precision_in_config_hash_tags_and_artifact_key(store_results_dir, tiny_llama_dir, small_wikitext):
+def test_precision_in_config_hash_tags_and_artifact_key(store_results_dir, tiny_llama_dir, small_wikitext, capsys):
     """`precision` (evaluation) and `compress_precision` (calibration, training) are both in the cell's identity
     and tags; a calibrated method's artifact is keyed by the precision its calibration forwards ran in, never by
     the evaluation's, and a data-free method shares one artifact. A cell run in one precision throughout keeps the
@@ -88,6 +88,13 @@ def test_precision_in_config_hash_tags_and_artifact_key(store_results_dir, tiny_
     assert runs[cells["gptq", "bf16", "fp32"].run_id].data.tags["bench.cache"] == "hit"
     ppl = cells["gptq", "fp32", "fp32"].tags["bench.primary_metric"]  # the same artifact, evaluated in two precisions
     assert cells["gptq", "fp32", "fp32"].metrics[ppl] != cells["gptq", "bf16", "fp32"].metrics[ppl]
+    from bench.summary import print_summary
+
+    capsys.readouterr()
+    print_summary(None, cells["gptq", "bf16", "fp32"])
+    assert "| compute bf16 (calibration and training fp32) (" in capsys.readouterr().out
+    print_summary(None, cells["rtn", "bf16", "fp32"])  # data-free: no calibration precision to state
+    assert "| compute bf16 (" in capsys.readouterr().out
 
 
 @pytest.mark.slow
