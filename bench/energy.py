@@ -16,8 +16,12 @@ HOROWITZ_45NM_PJ = {"fp32_mult": 3.7, "fp32_add": 0.9, "int8_mult": 0.2, "int8_a
                     "int32_add": 0.1, "dram_read_32bit": 640.0}
 HOROWITZ_TABLE = "horowitz_isscc2014_45nm"
 # One MAC by the arithmetic that performs it: int8 products are accumulated in int32 (fbgemm, MLAS int8 GEMM).
+# "lmul": Luo & Sun's L-Mul (arXiv 2410.00907) replaces the fp multiply by one integer add of the operands' bit
+# patterns and keeps the fp32 accumulation (the paper's energy argument); a 32-bit integer add, as the paper's fp32
+# emulation does it (a narrower hardware adder would cost less; this table has none between 8 and 32 bits).
 MAC_PJ = {"fp32": HOROWITZ_45NM_PJ["fp32_mult"] + HOROWITZ_45NM_PJ["fp32_add"],
-          "int8": HOROWITZ_45NM_PJ["int8_mult"] + HOROWITZ_45NM_PJ["int32_add"]}
+          "int8": HOROWITZ_45NM_PJ["int8_mult"] + HOROWITZ_45NM_PJ["int32_add"],
+          "lmul": HOROWITZ_45NM_PJ["int32_add"] + HOROWITZ_45NM_PJ["fp32_add"]}
 
 
 class RaplMeter:

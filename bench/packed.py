@@ -23,6 +23,7 @@ from bench.training import TrainingRecord
 EXECUTION_DENSE = "dense"  # ordinary fp32 matmuls on uncompressed weights
 EXECUTION_FAKE_QUANT = "fake-quant"  # fp32 matmuls on dequantized weights: accuracy is real, speed is not
 EXECUTION_SPARSE_AS_DENSE = "dense-zeros"  # pruned weights run as dense fp32 matmuls: no sparse kernel, no speed-up
+EXECUTION_EMULATED_PREFIX = "emulated-"  # another arithmetic emulated in fp32 torch code: its accuracy, not its speed
 
 @dataclass
 class StorageReport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bench import record
+from bench.packed import EXECUTION_EMULATED_PREFIX
 from bench.record import CellResult, fmt
 
 
@@ -75,6 +76,9 @@ def print_summary(base: CellResult | None, result: CellResult) -> None:
                   f"{t.get(record.EXECUTION)}: {fmt(result.metrics.get(name))}; difference {fmt(diff)}")
     if t.get(record.TRAIN_CONVERGED) == "false":
         print(f"training did not converge: {t.get(record.TRAIN_VERDICT)} (criterion: {t.get(record.TRAIN_CRITERION)})")
+    if t.get(record.EXECUTION, "").startswith(EXECUTION_EMULATED_PREFIX):
+        print(f"note: {t[record.EXECUTION]} is an emulation in fp32 torch code: accuracy is that arithmetic's, "
+              "latency and measured energy are the emulation's, never its hardware's")
     if t.get(record.EXECUTION) == "fake-quant" and record.DEPLOYED_EXECUTION not in t:
         print(f"note: latency/energy are for fake-quant execution ({prec} matmuls on dequantized weights); "
               "accuracy is real, speed is not that of a low-bit kernel")

@@ -54,7 +54,7 @@ from bench import energy, timing
 from bench.calib import CalibSpec
 from bench.errors import BenchError, ConfigError, ResourceError
 from bench.layer_format import LayerFormat
-from bench.packed import EXECUTION_SPARSE_AS_DENSE, Packed
+from bench.packed import EXECUTION_EMULATED_PREFIX, EXECUTION_SPARSE_AS_DENSE, Packed
 from bench.plugins import Measurement, Workload
 from bench.timing import TimedBackend
 
@@ -168,6 +168,9 @@ class TfliteBackend(TimedBackend):
     def supports(self, packed: Packed) -> str | None:
         if packed.execution == EXECUTION_SPARSE_AS_DENSE:
             return "sparse weights: LiteRT's CPU kernels have no sparse matmul (they would run as dense zeros)"
+        if packed.execution.startswith(EXECUTION_EMULATED_PREFIX):
+            return (f"{packed.execution}: an arithmetic emulated in torch code, which LiteRT's kernels do not have "
+                    "(the converted model would multiply exactly); hardware=cpu runs the emulation")
         if self.recipe == "full_int8" and is_causal_lm(packed.model):
             return ("full_int8 on a language model: calibration needs token windows and a backend gets no "
                     "tokenizer; use dynamic_int8")

