@@ -91,7 +91,7 @@ class LayerwiseBits(Method):
         if self.low_bits >= self.high_bits:
             raise ConfigError(f"method.low_bits={self.low_bits} is not below method.high_bits={self.high_bits}",
                               "set two widths, e.g. method.low_bits=2 method.high_bits=4")
-        if not self.low_bits <= self.avg_bits <= self.high_bits:
+        if self.avg_bits is None or not self.low_bits <= self.avg_bits <= self.high_bits:
             raise ConfigError(f"method.avg_bits={self.avg_bits} is outside [low_bits, high_bits] = "
                               f"[{self.low_bits}, {self.high_bits}]",
                               f"set method.avg_bits between {self.low_bits} and {self.high_bits}, or change the widths")

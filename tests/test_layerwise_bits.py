@@ -120,8 +120,10 @@ def test_at_the_top_width_it_stores_exactly_what_the_uniform_quantizer_stores(qu
     ({"avg_bits": 4.5}, "method.avg_bits=4.5 is outside [low_bits, high_bits] = [2, 4]; set method.avg_bits between 2 "
                         "and 4, or change the widths"),
     ({"avg_bits": 1.5}, "method.avg_bits=1.5 is outside [low_bits, high_bits] = [2, 4]"),
-    ({"low_bits": 4, "high_bits": 4, "avg_bits": 4}, "method.low_bits=4 is not below method.high_bits=4; set two widths"),
-    ({"high_bits": 9}, "method.high_bits"),
+    ({"low_bits": 4, "high_bits": 4, "avg_bits": 4},
+     "method.low_bits=4 is not below method.high_bits=4; set two widths"),
+    ({"high_bits": 9}, "method.high_bits=9 is out of range; use a value in [2, 8]"),
+    ({"avg_bits": None}, "method.avg_bits=None is outside [low_bits, high_bits] = [2, 4]"),
     ({"quantizer": "awq"}, "method.quantizer='awq' is not one of rtn, gptq; set method.quantizer=rtn or"),
 ])
 def test_a_bad_budget_or_width_raises_one_line_naming_the_fix(settings, message):
