@@ -4,7 +4,7 @@ gptq, on the default model.
 For each quantizer it runs, as ordinary recorded cells (one MLflow run each, artifacts cached, so a QA task reuses
 the artifact the first task computed):
   uniform        bits = 3 and 4 (method=rtn / method=gptq, group 128)
-  layerwise_bits 2|4 at an average of 3.0, 3|5 at 4.0 (equal average code bits to the uniform rows), and 3|4 at 3.5
+  layerwise_bits 2/4 bits at an average of 3.0, 3/5 at 4.0 (equal average code bits to the uniform rows), and 3|4 at 3.5
                  (between them)
 on each task of --tasks, and prints one table: average code bits, bits/weight counted from the stored bytes
 (scales and zero points included), and each task's protocol-qualified metric. A failed cell prints its one-line
@@ -37,7 +37,7 @@ BPW = "storage.bits_per_weight.block_linears"
 def cells(quantizer: str) -> list[tuple[str, float, list[str]]]:
     """(row label, average code bits, method overrides) of one quantizer's rows."""
     rows = [(f"{quantizer} W{b} uniform", float(b), [f"method={quantizer}", f"method.bits={b}"]) for b in UNIFORM_BITS]
-    rows += [(f"layerwise_bits {quantizer} {lo}|{hi} avg {avg}", avg,
+    rows += [(f"layerwise_bits {quantizer} {lo}/{hi} bits, avg {avg}", avg,
               ["method=layerwise_bits", f"method.quantizer={quantizer}", f"method.low_bits={lo}",
                f"method.high_bits={hi}", f"method.avg_bits={avg}"]) for lo, hi, avg in MIXED]
     return sorted(rows, key=lambda r: (r[1], "layerwise" in r[0]))
