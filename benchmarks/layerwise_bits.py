@@ -4,7 +4,7 @@ gptq, on the default model.
 For each quantizer it runs, as ordinary recorded cells (one MLflow run each, artifacts cached, so a QA task reuses
 the artifact the first task computed):
   uniform        bits = 3 and 4 (method=rtn / method=gptq, group 128)
-  layerwise_bits 2/4 bits at an average of 3.0, 3/5 at 4.0 (equal average code bits to the uniform rows), and 3|4 at 3.5
+  layerwise_bits 2/4 bits at an average of 3.0, 3/5 at 4.0 (equal average code bits to the uniform rows), and 3/4 at 3.5
                  (between them)
 on each task of --tasks, and prints one table: average code bits, bits/weight counted from the stored bytes
 (scales and zero points included), and each task's protocol-qualified metric. A failed cell prints its one-line
