@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from bench.compress.depth import DepthPruning, block_inputs_all
-from bench.precision import fp32
+from bench.compress.depth import DepthPruning, block_influence
 
 
 @dataclass
@@ -23,13 +21,7 @@ class ShortGPT(DepthPruning):
     @torch.no_grad()
     def compress(self, model, calib, budget):
         adapter = model.adapter
-        states = block_inputs_all(adapter, adapter.capture_block_inputs(list(calib.windows)))
-        bi = []
-        with fp32():  # fp32: the block influence's cosines
-            for b in range(len(adapter.blocks())):
-                cos = torch.cat([F.cosine_similarity(x.float(), y.float(), dim=-1).reshape(-1)
-                                 for x, y in zip(states[b], states[b + 1])])
-                bi.append(float(1 - cos.mean()))
+        bi = block_influence(adapter, calib.windows)
         drop = sorted(range(len(bi)), key=lambda b: bi[b])[:self.n_remove(len(bi))]
         adapter.remove_blocks(drop)
         return self.record(model, drop, {"block_influence": bi})

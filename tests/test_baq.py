@@ -8,10 +8,10 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
+from bench.compress.gptq import gptq_quantize
 from bench.compress.hessian import HessianAccumulator, inverse_hessian_factor
 from bench.errors import BenchError
 from bench.methods.baq import BAQ, Sensitivity, allocate, row_grid
-from bench.methods.gptq import gptq_quantize
 from conftest import logits, random_calib
 
 

@@ -8,8 +8,9 @@ import torch
 from bench import models
 from bench.budget import Budget
 from bench.cache import ArtifactStore
+from bench.compress.gptq import dequantize_stored, gptq_quantize
 from bench.compress.hessian import HessianAccumulator
-from bench.methods.gptq import GPTQ, dequantize_stored, gptq_quantize
+from bench.methods.gptq import GPTQ
 from bench.quant import quantize_rtn, unpack_bits
 from conftest import random_calib
 

@@ -50,7 +50,7 @@ def test_hessian_accumulator_is_fp32_inside_bf16():
 
 def test_gptq_layer_math_is_identical_inside_bf16():
     """Same fp32 W and H in, the same codes, scales, weights and loss out: dampening, Cholesky, the sweep."""
-    from bench.methods.gptq import gptq_quantize
+    from bench.compress.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(1)
     w = torch.randn(24, 64, generator=g)

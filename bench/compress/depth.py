@@ -1,6 +1,7 @@
 """Depth pruning shared by the block-removal methods (SLEB, ShortGPT): how many blocks, removal through
 the adapter, and an artifact that restores the shallower model (the removed indices travel in its
-metadata; the remaining blocks are stored at the model's storage dtype, so bits/weight falls with depth)."""
+metadata; the remaining blocks are stored at the model's storage dtype, so bits/weight falls with depth).
+ShortGPT's block influence lives here too: layerwise_bits ranks blocks by it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from bench.errors import ConfigError, NotApplicable, check_range
 from bench.packed import EXECUTION_DENSE, Packed
 from bench.plugins import Method
+from bench.precision import fp32
 
 
 @dataclass
@@ -74,6 +76,19 @@ def block_inputs_all(adapter, inputs) -> list[list[torch.Tensor]]:
     for b in range(len(adapter.blocks())):
         states.append([adapter.run_block(b, h, kw) for h, kw in zip(states[-1], inputs.kwargs)])
     return states
+
+
+@torch.no_grad()
+def block_influence(adapter, windows: torch.Tensor) -> list[float]:
+    """ShortGPT's Block Influence of every block, BI_b = 1 - mean over tokens of cos(h_in, h_out) on the windows."""
+    states = block_inputs_all(adapter, adapter.capture_block_inputs(list(windows)))
+    bi = []
+    with fp32():  # fp32: the block influence's cosines
+        for b in range(len(adapter.blocks())):
+            cos = torch.cat([F.cosine_similarity(x.float(), y.float(), dim=-1).reshape(-1)
+                             for x, y in zip(states[b], states[b + 1])])
+            bi.append(float(1 - cos.mean()))
+    return bi
 
 
 @torch.no_grad()

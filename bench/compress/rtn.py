@@ -50,15 +50,20 @@ class RTNBase(ActivationQuantized, Method):
             packed.layer_format[ref.name] = self.layer_format()
         return self.runtime_hooks(model, packed)
 
-    @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:
-        w = weight_matrix(ref.module)
-        out_f, in_f = w.shape
-        g = resolve_group_size(self.group_size, in_f, ref.name)
-        codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
-        q = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
-        w.copy_(q.dequantize())
-        restore_bias(ref.module, stored)
+        restore_int_layer(ref, stored, self.bits, self.group_size, self.symmetric)
+
+
+@torch.no_grad()
+def restore_int_layer(ref, stored: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool) -> None:
+    """Write the weight (and bias) rebuilt from `stored_int_layer`'s tensors of a round-to-nearest grid into `ref`."""
+    w = weight_matrix(ref.module)
+    out_f, in_f = w.shape
+    g = resolve_group_size(group_size, in_f, ref.name)
+    codes, zero = load_int_layer(stored, bits, (out_f, in_f))
+    q = IntQuantized(codes, stored["scale"], zero, bits, g, symmetric)
+    w.copy_(q.dequantize())
+    restore_bias(ref.module, stored)
 
 
 @torch.no_grad()
