@@ -17,23 +17,25 @@ evaluated exponents is kept; a = 1 is always one of them, so the result is never
 Stored per layer: `bench.quant.integer.stored_int_layer`'s tensors of the grid over t (packed `bits`-bit codes, fp16
 scale and packed zero code per group, fp16 bias) and the exponent (one fp16 value), all counted in bits per weight.
 Execution: fake-quant. No kernel here runs a power grid: its levels are not equally spaced, so the integer kernels of
-cpu_kernels/tflite/fpga_sim refuse it (layer kind `power`); NUPES's integer-only inference also needs its activations
-power-quantized, which is not implemented here.
+cpu_kernels/tflite/fpga_sim refuse it (layer kind `power`); the papers' integer-only inference is not implemented.
 
-Read: the NUPES and PowerQuant abstracts and summary pages (arxiv.org/abs/2308.05600, paperswithcode, the ICLR 2023
-OpenReview text's opening) through the search tool; no reference code was found (no public repository of either paper;
-searched find_repos "nupes", "powerquant" and code search for the power transform). The method bodies beyond that
-(NUPES's exact loss, schedule and hyper-parameters) were not reachable offline.
+Read, through the search tool (corpus pages): the NUPES abstract (arxiv.org/abs/2308.05600 and its paperswithcode,
+emergentmind and arxivlens pages) and the opening of PowerQuant's ICLR 2023 text (abstract and introduction) with a
+review page. No reference code exists publicly (paperswithcode lists none; find_repos "nupes" and "powerquant",
+find_string "PowerQuant" and a code search for the power transform found none), so none was read. The bodies of the
+papers (NUPES's exact loss, optimiser, schedule and grid details) were not reachable offline; what is stated above and
+below is what those texts say.
 
 Deviations from the paper, each deliberate:
 - Data-free only. NUPES's full (data-driven) method goes further: it learns the quantized weights over the whole
   quantized space (not only rounding up or down, as AdaRound-style PTQ does) and learns the exponent itself by gradient
-  descent during that calibration, after removing the numerical instabilities of d|w|^a/da; neither is implemented,
-  so no calibration data is used and the exponent comes from the search on the weight error alone.
+  descent during that calibration ("alleviating all the numerical instabilities", how is not readable here); neither
+  is implemented, so no calibration data is used and the exponent comes from the search on the weight error alone.
 - The exponent is searched by grid + golden section rather than the paper's optimiser; fp16-rounded and per layer.
-- The uniform grid over t is the suite's per-group rtn grid (asymmetric by default, as rtn's) instead of PowerQuant's
-  per-channel symmetric grid, so that groups, storage and the exponent-1 case match rtn at equal bits.
-- Weights only: activations stay in the compute precision (the paper power-quantizes them for integer inference).
+- The uniform grid over t is the suite's per-group rtn grid (asymmetric by default, as rtn's), not necessarily the
+  papers' own grid (not readable here), so that groups, storage and the exponent-1 case match rtn at equal bits.
+- Weights only: activations stay in the compute precision (PowerQuant's integer inference modifies the quantized
+  network's activation functions to match the power grid; not done here).
 """
 
 from __future__ import annotations
