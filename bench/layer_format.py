@@ -10,6 +10,9 @@ Weights (`kind`):
   `levels` and no `mixed` stores `bench.quant.integer.stored_int_layer`'s tensors (qweight, scale, qzero, bias,
   perm).
 - `float`: low-bit floating-point codes (`bits` = sign + exponent + mantissa bits), scaled per channel or group.
+- `power`: a power-function grid (NUPES/PowerQuant): `bits`-bit codes of a uniform grid over sign(w)|w|^a, scaled per
+  channel or group (`symmetric` or with zero points as `int`), each level mapped back through the inverse power; the
+  exponent a is a stored per-layer tensor, so the levels are not equally spaced and no integer kernel computes them.
 - `binary`: sign planes (`bits` = planes per weight) with their scales; `ternary`: trits {-1, 0, 1} (1.6 bits,
   five per byte); `sparse`: fp16 kept values and their positions (`pattern`: "2:4" or "unstructured0.5").
 `name` is the weight encoding as records spell it (e.g. "gptq-int4-asym-g128-actorder"): descriptive only.
@@ -29,8 +32,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-WEIGHT_KINDS = ("int", "float", "binary", "ternary", "sparse")
-GRANULARITIES = ("channel", "group", "tensor")  # what one weight scale covers (int and float grids)
+WEIGHT_KINDS = ("int", "float", "power", "binary", "ternary", "sparse")
+GRANULARITIES = ("channel", "group", "tensor")  # what one weight scale covers (int, float and power grids)
 ACT_KINDS = ("int", "float", "binary")
 
 
@@ -78,9 +81,9 @@ class LayerFormat:
     kind: str
     bits: int | float
     name: str
-    granularity: str | None = None  # int and float grids
+    granularity: str | None = None  # int, float and power grids
     group: int | None = None  # granularity "group": input columns per scale
-    symmetric: bool | None = None  # int grids
+    symmetric: bool | None = None  # int and power grids
     mixed: bool = False
     levels: int | None = None
     act_order: bool = False
@@ -145,6 +148,14 @@ class LayerFormat:
         group = None if group_size in (-1, 0) else group_size
         name = (f"{prefix}-" if prefix else "") + f"{format_name}-{'ch' if group is None else f'g{group}'}"
         return cls("float", bits, name, "channel" if group is None else "group", group)
+
+    @classmethod
+    def power_grid(cls, bits: int, group_size: int, symmetric: bool, prefix: str = "") -> LayerFormat:
+        """A uniform `bits`-bit grid over sign(w)|w|^a mapped back by the inverse power (a per layer, stored), named
+        as "[prefix-]pow4-asym-g128"."""
+        int_fmt = cls.int_grid(bits, group_size, symmetric)
+        name = (f"{prefix}-" if prefix else "") + "pow" + int_fmt.name[len("int"):]
+        return dataclasses.replace(int_fmt, kind="power", name=name)
 
     @classmethod
     def binary(cls, name: str, planes: int = 1, act: ActFormat | None = None) -> LayerFormat:

@@ -86,7 +86,8 @@ def int8_activations(act: ActFormat | None) -> str | None:
 
 _NO_KERNEL = {"binary": "binary weights ({}): no binary (xnor/popcount) kernel on this backend",
               "ternary": "ternary weights ({}): no ternary kernel on this backend",
-              "float": "floating-point weight format ({}): no low-bit float kernel on this backend"}
+              "float": "floating-point weight format ({}): no low-bit float kernel on this backend",
+              "power": "power-function grid ({}): its levels are not equally spaced, no kernel here computes them"}
 
 
 def format_reason(fmt: LayerFormat) -> str | None:
