@@ -241,11 +241,12 @@ def test_onednn_dynamic_refuses_asymmetric_int8(tiny_llama):
 def test_w8a8_record_deployed_accuracy_is_the_fake_quant_accuracy(store_results_dir, tiny_byte_llama_dir,
                                                                    small_wikitext):
     """The methods' W8A8 deployed on the per-token int8 kernel computes the fake-quant model's function: the
-    re-measured perplexity equals the fake-quant one to float rounding, and the record names kernel and ISA."""
+    re-measured perplexity equals the fake-quant one to float rounding, and the record names kernel and ISA. At
+    precision=fp32: under bf16 the two paths round the rest of the model differently (measured 2e-4 relative)."""
     from bench.hardware.cpu_kernels import onednn_int8_isa
 
     r = run_tiny(store_results_dir, tiny_byte_llama_dir, small_wikitext, "method=rtn", "method.bits=8",
-                 "method.group_size=-1", "method.act_bits=8", "hardware=cpu_kernels")
+                 "method.group_size=-1", "method.act_bits=8", "hardware=cpu_kernels", "precision=fp32")
     name = "wikitext2.ppl_token.gptq_s64.first1"
     assert r.metrics[f"{name}.deployed"] == pytest.approx(r.metrics[name], rel=1e-4)
     assert r.tags["hardware.execution"].startswith("torch-int8-onednn-")
