@@ -59,9 +59,10 @@ def print_summary(base: CellResult | None, result: CellResult) -> None:
     kernel = t.get(f"{record.PRECISION_PREFIX}bf16_matmul")
     threads = t.get(f"{record.HARDWARE_PREFIX}threads", "?")
     compress = t.get(record.COMPRESS_PRECISION, prec)
-    if compress != prec and record.CALIB_SHA256 in t:  # only said where calibration or training ran
-        prec = f"{prec} (calibration and training {compress})"
-    print(f"model {t.get(record.MODEL)} | hardware {t.get(record.HARDWARE)} ({threads} threads) | compute {prec}"
+    computed = prec  # only where calibration or training ran is its precision worth a word
+    if compress != prec and record.CALIB_SHA256 in t:
+        computed = f"{prec} (calibration and training {compress})"
+    print(f"model {t.get(record.MODEL)} | hardware {t.get(record.HARDWARE)} ({threads} threads) | compute {computed}"
           f"{f' ({kernel})' if kernel else ''} | mlflow run {result.run_id}")
     print(f"reproduce: {t.get(record.COMMAND, '-')}")
     vs_base = [n for n in result.metrics if "_vs_base." in n and record.direction_tag(n) in t]  # task order
