@@ -46,13 +46,14 @@ from typing import ClassVar
 
 import torch
 
+from bench.compress.rtn import stored_int_grid
 from bench.errors import ConfigError, check_range
 from bench.layer_format import LayerFormat
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.precision import fp32
-from bench.quant import IntQuantized, quantize_rtn, resolve_group_size
-from bench.quant.integer import load_int_layer, restore_bias, stored_int_layer, weight_matrix
+from bench.quant import IntQuantized, quantize_rtn
+from bench.quant.integer import restore_bias, stored_int_layer, weight_matrix
 
 EXPONENT_CEILING = 4.0  # beyond it |t|^(1/a) underflows the small levels of a group to zero
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -182,10 +183,6 @@ class NUPES(Method):
 
     @torch.no_grad()
     def restore_layer(self, model, ref, stored) -> None:
-        w = weight_matrix(ref.module)
-        out_f, in_f = w.shape
-        g = resolve_group_size(self.group_size, in_f, ref.name)
-        codes, zero = load_int_layer(stored, self.bits, (out_f, in_f))
-        grid = IntQuantized(codes, stored["scale"], zero, self.bits, g, self.symmetric)
-        w.copy_(PowerQuantized(grid, float(stored["exponent"])).dequantize())
+        grid = stored_int_grid(ref, stored, self.bits, self.group_size, self.symmetric)
+        weight_matrix(ref.module).copy_(PowerQuantized(grid, float(stored["exponent"])).dequantize())
         restore_bias(ref.module, stored)

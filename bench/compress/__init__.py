@@ -7,8 +7,8 @@ imports another one.
 - `static_ptq`: per-channel integer weights with calibrated static activation ranges (static_ptq, hawq_v3,
   minifloat, qdiffusion).
 - `rtn`: round-to-nearest integer weights with optional dynamic activation quantization (rtn, awq, smoothquant;
-  its per-layer restore also layerwise_bits), and the norm rescaling that moves a factor between a norm and the
-  linears reading it.
+  its stored grid and per-layer restore also layerwise_bits and nupes), and the norm rescaling that moves a factor
+  between a norm and the linears reading it.
 - `sign`: sign binarization with a per-row scale (sign, xnor).
 - `sparsity`: weight-pruning patterns, masks and the stored sparse form (magnitude, wanda, sparsegpt).
 - `depth`: removal of whole decoder blocks (shortgpt, sleb, foldgpt), and ShortGPT's block influence (also

@@ -54,15 +54,19 @@ class RTNBase(ActivationQuantized, Method):
         restore_int_layer(ref, stored, self.bits, self.group_size, self.symmetric)
 
 
+def stored_int_grid(ref, stored: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool
+                    ) -> IntQuantized:
+    """The round-to-nearest grid (codes, scales, zero points) that `stored_int_layer` wrote for the layer `ref`."""
+    out_f, in_f = weight_matrix(ref.module).shape
+    g = resolve_group_size(group_size, in_f, ref.name)
+    codes, zero = load_int_layer(stored, bits, (out_f, in_f))
+    return IntQuantized(codes, stored["scale"], zero, bits, g, symmetric)
+
+
 @torch.no_grad()
 def restore_int_layer(ref, stored: dict[str, torch.Tensor], bits: int, group_size: int, symmetric: bool) -> None:
     """Write the weight (and bias) rebuilt from `stored_int_layer`'s tensors of a round-to-nearest grid into `ref`."""
-    w = weight_matrix(ref.module)
-    out_f, in_f = w.shape
-    g = resolve_group_size(group_size, in_f, ref.name)
-    codes, zero = load_int_layer(stored, bits, (out_f, in_f))
-    q = IntQuantized(codes, stored["scale"], zero, bits, g, symmetric)
-    w.copy_(q.dequantize())
+    weight_matrix(ref.module).copy_(stored_int_grid(ref, stored, bits, group_size, symmetric).dequantize())
     restore_bias(ref.module, stored)
 
 
