@@ -150,6 +150,15 @@ def _compose(overrides: list[str]) -> dict:
     return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
 
 
+def _spelled(identity: dict) -> dict:
+    """`identity` with the keys `record.cell_identity` leaves out for being implied put back: a cell computed in one
+    precision throughout has no `compress_precision` in its identity, but its command must set it (deleting the key
+    with `~compress_precision` composes the same identity and then fails in the runner)."""
+    if "precision" in identity and "compress_precision" not in identity:
+        return {**identity, "compress_precision": identity["precision"]}
+    return identity
+
+
 def reproduce(cell: dict, launch: Launch) -> Reproduction:
     """The reproducing line of the cell whose resolved config (paths included) is `cell`. Never raises: a line
     that does not reproduce the cell says so in `check`."""
@@ -164,11 +173,11 @@ def reproduce(cell: dict, launch: Launch) -> Reproduction:
     top, nested, check = [], [], "reproduces"
     try:
         with _hydra():
-            base = record.cell_identity(_compose(choices + where + launch.searchpath))
-            for k, v in identity.items():
+            base = _spelled(record.cell_identity(_compose(choices + where + launch.searchpath)))
+            for k, v in _spelled(identity).items():
                 if not isinstance(v, dict) and (k not in base or not _same(v, base[k]) or k in given):
                     top.append(f"{k}={value_text(v)}" if k in base else f"+{k}={value_text(v)}")
-            top += [f"~{k}" for k, v in base.items() if k not in identity and not isinstance(v, dict)]
+            top += [f"~{k}" for k, v in base.items() if k not in _spelled(identity) and not isinstance(v, dict)]
             composed = record.cell_identity(_compose(choices + where + launch.searchpath + top))
             for k, v in identity.items():
                 if isinstance(v, dict):

@@ -22,6 +22,11 @@ FIXTURES = ROOT / "tests" / "fixtures" / "records"
      {"bits": 3, "group_size": 32}),
     # the method's seed follows the top-level one (seed: ${seed}): named once, not as a method override
     (["method=binarymos", "seed=1"], "python -m bench method=binarymos task=wikitext seed=1", {}),
+    # one precision throughout: the identity leaves compress_precision out; the line sets it (never '~compress_precision')
+    (["method=binarymos", "precision=bf16", "compress_precision=bf16"],
+     "python -m bench method=binarymos task=wikitext compress_precision=bf16", {}),
+    (["method=gptq", "precision=fp32", "compress_precision=fp32"], "python -m bench method=gptq task=wikitext precision=fp32",
+     {}),
     (["method=pipeline", "method.stages.1.bits=3", "budget=tiny"],
      "python -m bench method=pipeline method.stages.1.bits=3 task=wikitext budget=tiny", {"stages.1.bits": 3}),
     (["method=sign", "task=piqa", "model=hf", "model.name_or_path=/models/my model"],
@@ -40,7 +45,9 @@ def test_the_command_names_what_differs_and_composes_back_to_the_same_cell(overr
     # the line itself, parsed as a shell would and composed by Hydra, is the same cell
     import shlex
 
-    assert record.cell_hash(compose(*shlex.split(line)[3:])) == record.cell_hash(cfg)
+    composed = compose(*shlex.split(line)[3:])
+    assert record.cell_hash(composed) == record.cell_hash(cfg)
+    assert composed.compress_precision == cfg["compress_precision"]  # the runner reads the key: it must be there
 
 
 def test_a_run_records_its_command_and_its_baseline_gets_its_own(store_results_dir, tiny_byte_llama_dir,
