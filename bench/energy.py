@@ -119,3 +119,8 @@ def metric_name(quantity: str, source: str) -> str:
         raise ValueError(f"energy source {source!r} is not one of rapl, nvml, sim:<tool>, model:<table> "
                          "(or several, '+'-joined)")
     return f"energy.{quantity}.{'_and_'.join(p.replace(':', '-') for p in parts)}"
+
+
+def source_of(suffix: str) -> str:
+    """The source a metric-name suffix spells (metric_name's inverse): sim-zigzag_and_model-x -> sim:zigzag+model:x."""
+    return "+".join(part.replace("-", ":", 1) for part in suffix.split("_and_"))

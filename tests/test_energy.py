@@ -46,3 +46,6 @@ def test_a_bare_source_is_refused():
 def test_a_sum_of_two_sources_names_both():
     assert energy.metric_name("j_per_image", "sim:zigzag+model:horowitz_isscc2014_45nm_widthfit") == \
         "energy.j_per_image.sim-zigzag_and_model-horowitz_isscc2014_45nm_widthfit"
+    assert energy.source_of("sim-zigzag_and_model-horowitz_isscc2014_45nm_widthfit") == \
+        "sim:zigzag+model:horowitz_isscc2014_45nm_widthfit"
+    assert energy.source_of("model-horowitz_isscc2014_45nm") == "model:horowitz_isscc2014_45nm"

@@ -69,7 +69,8 @@ def minifloat_layer(w: str, bits: int, a: str | None = None, a_bits: int = 0) ->
 def test_minifloat_layers_are_simulated_with_their_mac_energy_estimated_from_a_named_table():
     source = "sim:zigzag+model:horowitz_isscc2014_45nm_widthfit"
     w8a8 = {"c1": "int8-sym-ch+a8-per_tensor-static", "c2": "int8-sym-ch+a8-per_tensor-static", "fc": "int8-sym-ch"}
-    packed = Packed(Tiny(), "m", EXECUTION_FAKE_QUANT, {}, {**formats(w8a8), "c2": minifloat_layer("e4m3", 8, "e4m3", 8)})
+    fmt = {**formats(w8a8), "c2": minifloat_layer("e4m3", 8, "e4m3", 8)}
+    packed = Packed(Tiny(), "m", EXECUTION_FAKE_QUANT, {}, fmt)
     b = backend()
     assert b.supports(packed) is None  # refused before: "the accelerator's MAC array multiplies integers"
     fp8 = b.measure(packed, Workload("image", inputs=torch.rand(1, 3, 8, 8), label="tiny"))
@@ -83,9 +84,10 @@ def test_minifloat_layers_are_simulated_with_their_mac_energy_estimated_from_a_n
     assert fp8.metrics[mem] == pytest.approx(int8.metrics[mem])
     assert fp8.metrics["sim.layer.c2.mac_energy_vs_array_int8"] == pytest.approx(1.4 / 0.3)
     # c2: 8 x 8 outputs x 8 channels x 8 inputs x 3 x 3 = 36,864 MACs at the array's 0.04 pJ, now x 1.4 / 0.3
-    c2_int8, c2_fp8 = (r.metrics[energy.metric_name("layer_pj.c2", s)] for r, s in ((int8, "sim:zigzag"), (fp8, source)))
+    c2_int8, c2_fp8 = (r.metrics[energy.metric_name("layer_pj.c2", src)]
+                       for r, src in ((int8, "sim:zigzag"), (fp8, source)))
     assert c2_fp8 - c2_int8 == pytest.approx(36_864 * 0.04 * (1.4 / 0.3 - 1))
-    mac = [r.metrics[energy.metric_name("mac_j_per_image", s)] for r, s in ((int8, "sim:zigzag"), (fp8, source))]
+    mac = [r.metrics[energy.metric_name("mac_j_per_image", src)] for r, src in ((int8, "sim:zigzag"), (fp8, source))]
     assert mac[1] - mac[0] == pytest.approx((c2_fp8 - c2_int8) * 1e-12)
     c1_name = energy.metric_name("layer_pj.c1", source)
     assert fp8.metrics[c1_name] == pytest.approx(int8.metrics[energy.metric_name("layer_pj.c1", "sim:zigzag")])
