@@ -1,6 +1,7 @@
 """Energy with provenance. Every value has a source: `rapl` (measured from /sys/class/powercap),
 `nvml` (measured by the GPU driver), `sim:<tool>` (a simulator), or `model:<table>` (an estimate from
-operation counts and a cited per-operation energy table). An estimate is never reported as a measurement.
+operation counts and a cited per-operation energy table); a sum of parts from two sources names both
+(`sim:zigzag+model:<table>`). An estimate is never reported as a measurement.
 """
 
 from __future__ import annotations
@@ -22,6 +23,33 @@ HOROWITZ_TABLE = "horowitz_isscc2014_45nm"
 MAC_PJ = {"fp32": HOROWITZ_45NM_PJ["fp32_mult"] + HOROWITZ_45NM_PJ["fp32_add"],
           "int8": HOROWITZ_45NM_PJ["int8_mult"] + HOROWITZ_45NM_PJ["int32_add"],
           "lmul": HOROWITZ_45NM_PJ["int32_add"] + HOROWITZ_45NM_PJ["fp32_add"]}
+
+
+# Per-MAC energy by operand format, for the formats Horowitz's table does not list (minifloats FP8/FP6/FP4, integers
+# other than 8 and 32 bits): an estimate fitted to that table's own entries, named as a source of its own so it is
+# never mistaken for a measurement or for the paper's numbers.
+# - A multiplier's energy grows with the product of its operands' significand widths (an array multiplier has
+#   p_a x p_b partial-product cells). Integers: int8 x int8 = 0.2 pJ times (b_a b_b / 64); the law gives int32 x
+#   int32 = 3.2 pJ where the table says 3.1. Floats (significand p = mantissa bits + 1, an integer operand's p its
+#   width): A + C p_a p_b through the table's fp16 (p = 11: 1.1 pJ) and fp32 (p = 24: 3.7 pJ) multiplies; A (0.41
+#   pJ) is what does not shrink with the significand: exponent add, normalisation, rounding.
+# - Accumulation as MAC_PJ: integer products in int32 (0.1 pJ), float products in fp32 (0.9 pJ; FP8 tensor cores
+#   accumulate at least this wide). So int8 MAC = MAC_PJ["int8"] = 0.3 pJ, fp32 MAC = MAC_PJ["fp32"] = 4.6 pJ,
+#   fp16 MAC 2.0 pJ, FP8 E4M3 MAC 1.4 pJ, FP4 E2M1 MAC 1.33 pJ.
+WIDTH_FIT_TABLE = "horowitz_isscc2014_45nm_widthfit"
+_FP_MULT_C = (HOROWITZ_45NM_PJ["fp32_mult"] - 1.1) / (24**2 - 11**2)  # 1.1 pJ: Horowitz's fp16 multiply
+_FP_MULT_A = 1.1 - _FP_MULT_C * 11**2
+
+
+def mac_pj(w_kind: str, w_significand: int, a_kind: str, a_significand: int) -> float:
+    """Estimated pJ of one multiply-accumulate of a weight and an activation (kind "int" with its bit-width, or
+    "float" with its significand bits = mantissa + 1), by the width fit above (source `model:WIDTH_FIT_TABLE`)."""
+    for kind, p in ((w_kind, w_significand), (a_kind, a_significand)):
+        if kind not in ("int", "float") or p < 1:
+            raise ValueError(f"operand ({kind}, {p}) is not an int width or a float significand width")
+    if w_kind == a_kind == "int":
+        return HOROWITZ_45NM_PJ["int8_mult"] * w_significand * a_significand / 64 + HOROWITZ_45NM_PJ["int32_add"]
+    return _FP_MULT_A + _FP_MULT_C * w_significand * a_significand + HOROWITZ_45NM_PJ["fp32_add"]
 
 
 class RaplMeter:
@@ -83,8 +111,16 @@ def record(metrics: dict, tags: dict, quantity: str, rapl: RaplMeter, measured, 
 
 
 def metric_name(quantity: str, source: str) -> str:
-    """The source is part of the metric's name (MLflow names allow no ':'), e.g.
-    `energy.prefill_j_per_token.model-horowitz_isscc2014_45nm` or `energy.prefill_j_per_token.rapl`."""
-    if not source or source.split(":")[0] not in ("rapl", "nvml", "sim", "model"):
-        raise ValueError(f"energy source {source!r} is not one of rapl, nvml, sim:<tool>, model:<table>")
-    return f"energy.{quantity}.{source.replace(':', '-')}"
+    """The source is part of the metric's name (MLflow names allow no ':' and no '+'), e.g.
+    `energy.prefill_j_per_token.model-horowitz_isscc2014_45nm` or `energy.prefill_j_per_token.rapl`. A value
+    summed from two sources names both, "+"-joined (`sim:zigzag+model:<table>` -> `sim-zigzag_and_model-<table>`)."""
+    parts = (source or "").split("+")
+    if not all(p.split(":")[0] in ("rapl", "nvml", "sim", "model") for p in parts):
+        raise ValueError(f"energy source {source!r} is not one of rapl, nvml, sim:<tool>, model:<table> "
+                         "(or several, '+'-joined)")
+    return f"energy.{quantity}.{'_and_'.join(p.replace(':', '-') for p in parts)}"
+
+
+def source_of(suffix: str) -> str:
+    """The source a metric-name suffix spells (metric_name's inverse): sim-zigzag_and_model-x -> sim:zigzag+model:x."""
+    return "+".join(part.replace("-", ":", 1) for part in suffix.split("_and_"))

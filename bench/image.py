@@ -8,6 +8,7 @@
   over the valid region of the filtered map (the BasicSR / KAIR implementation), on one channel.
 - MACs: multiply-accumulates of every Conv2d and Linear for one forward pass of a given input, counted from
   the layers' real output shapes by forward hooks. NTIRE's efficient-SR reports call these "FLOPs".
+- Activations: elements of every Conv2d / ConvTranspose2d output in one forward pass, NTIRE's "#Acts".
 - Sample grids: generated images in [-1, 1] as one PNG for the record.
 """
 
@@ -82,6 +83,21 @@ def ssim(a: np.ndarray, b: np.ndarray, border: int = 0) -> float:
     return float((num / den).mean())
 
 
+def _forward_with_hooks(module: nn.Module, example: torch.Tensor, hooks: dict[type, object]) -> None:
+    """One forward pass of `example` with `hooks[cls]` as forward hook on every submodule that is a `cls`
+    (the first matching class wins); the hooks are removed afterwards."""
+    handles = []
+    for m in module.modules():
+        hook = next((h for cls, h in hooks.items() if isinstance(m, cls)), None)
+        if hook is not None:
+            handles.append(m.register_forward_hook(hook))
+    try:
+        module(example)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def count_macs(module: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of the Conv2d and Linear layers in one forward pass of `example`."""
@@ -96,18 +112,25 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
         nonlocal total
         total += out.numel() * m.in_features
 
-    handles = []
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-    try:
-        module(example)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_hooks(module, example, {nn.Conv2d: conv_hook, nn.Linear: linear_hook})
     return total
+
+
+@torch.no_grad()
+def count_conv_activations(module: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(activations, conv calls) of one forward pass of `example`: activations are the elements of every
+    Conv2d / ConvTranspose2d output, the NTIRE efficient-SR challenges' "#Acts" (Radosavovic et al.'s
+    activation count, as NTIRE2022_ESR utils/model_summary.py `get_model_activation` defines it: Linear
+    outputs are not counted); conv calls are how many such outputs were counted (its "#Conv")."""
+    elements = calls = 0
+
+    def conv_hook(_m, _args, out):
+        nonlocal elements, calls
+        elements += out.numel()
+        calls += 1
+
+    _forward_with_hooks(module, example, {nn.Conv2d: conv_hook, nn.ConvTranspose2d: conv_hook})
+    return elements, calls
 
 
 def save_grid(images: torch.Tensor, path: Path, cols: int = 16, upscale: int = 4) -> Path:

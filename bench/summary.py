@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench import record
+from bench import energy, record
 from bench.packed import EXECUTION_EMULATED_PREFIX
 from bench.record import CellResult, fmt
 
@@ -15,7 +15,7 @@ def _energy(metrics: dict) -> tuple[str, str]:
     for k, v in metrics.items():
         _, quantity, source = k.split(".", 2) if k.startswith(f"{record.ENERGY}.") else ("", "", "")
         if quantity in _ENERGY_UNITS:
-            return f"{fmt(v)} {_ENERGY_UNITS[quantity]}", source.replace("-", ":", 1)
+            return f"{fmt(v)} {_ENERGY_UNITS[quantity]}", energy.source_of(source)
     return "-", "-"
 
 

@@ -17,10 +17,22 @@ sums. Seconds are cycles at the accelerator file's `clock_hz` (stated). Energy i
 movement through the memory hierarchy follows each operand's bit-width; the MAC energy per operation is the array's
 fixed unit energy.
 
+Minifloat layers (weights or activations in an eXmY format: FP8 E4M3/E5M2, FP6, FP4 as `minifloat`, `fp_rtn`,
+`fp_lowbit`, `llm_fp4` store them): ZigZag moves their operands at their bit-width like any other, and counts their
+cycles as one MAC per array unit per cycle (a minifloat MAC unit in the integer one's place, an assumption). ZigZag
+has no float MAC cost, so the MAC energy of such a layer is an estimate: the array's integer MAC energy (its
+unit_energy, for `mac_bits`-bit integers) times the ratio of the layer's MAC to an int`mac_bits` MAC in
+`bench.energy.mac_pj` (Horowitz ISSCC 2014 45 nm entries, multiplier energy fitted to significand widths, float
+products accumulated in fp32: FP8 E4M3 1.4 pJ between int8's 0.3 and fp16's 2.0). Such a model's total and MAC
+energy are labelled `sim:zigzag+model:horowitz_isscc2014_45nm_widthfit` (metric suffix
+`sim-zigzag_and_model-horowitz_isscc2014_45nm_widthfit`), its memory energy `sim:zigzag`; per-layer ratios are
+`sim.layer.<name>.mac_energy_vs_array_int8`. Integer layers keep ZigZag's own MAC energy.
+
 Capabilities: integer weight grids and integer activations up to the array's width (8 bits on tpu_like; the
-simulator moves any narrower width, the array multiplies integers). Binary/ternary layers (they need XNOR/popcount
-or sign units this array lacks), floating-point low-bit formats, sparsity (the array does not skip zeros) and
-language models (not simulated here: only image workloads are exported) are `unsupported` with the reason.
+simulator moves any narrower width, the array multiplies integers), and eXmY minifloat weights/activations (costed
+as above). Binary/ternary layers (they need XNOR/popcount or sign units this array lacks), float formats that are
+not a plain eXmY (bitmod's), sparsity (the array does not skip zeros) and language models (not simulated here:
+only image workloads are exported) are `unsupported` with the reason.
 
 FPGA accuracy (`deploy`): where hls4ml (1.3.0, PyTorch frontend, Vitis backend, io_parallel) can take the model, the
 packed (fake-quant) model is converted to an hls4ml project and its C simulation - the generated HLS C++ with the
@@ -76,22 +88,48 @@ ACCELERATORS = Path(__file__).resolve().parents[1] / "configs" / "accelerator"
 _AP_FIXED = re.compile(r"^ap_fixed<\s*(\d+)\s*,\s*(-?\d+)\s*(,\s*AP_[A-Z_]+\s*){0,2}>$")
 
 
+_MINIFLOAT = re.compile(r"(?:^|[_-])e(\d)m(\d)(?:b-?\d+)?(?=-|$)")  # e4m3, fp8_e4m3, fp4-e2m1, fp6_e3m2b3
+
+
+def _float_significand(name: str, bits: int) -> int | None:
+    """Significand bits (mantissa + 1) of a minifloat format named `name` (eXmY inside it) of `bits` bits, or None
+    when the name states no eXmY format of that width."""
+    m = _MINIFLOAT.search(name)
+    if m is None or 1 + int(m.group(1)) + int(m.group(2)) != bits:
+        return None
+    return int(m.group(2)) + 1
+
+
 def layer_bits(fmt: LayerFormat | None, default_bits: int) -> tuple[int, int] | str:
     """(weight bits, activation bits) of a packed layer format, or the reason it cannot be simulated."""
     if fmt is None:
         return default_bits, default_bits
     if fmt.kind in ("binary", "ternary"):
         return f"binary/ternary weights ({fmt}): the accelerator's MAC array has no XNOR/popcount or sign units"
-    if fmt.kind == "float":
-        return f"floating-point low-bit weights ({fmt}): the accelerator's MAC array multiplies integers"
-    if fmt.kind != "int" or not float(fmt.bits).is_integer():
-        return f"layer format '{fmt}' is not an integer grid"
+    if fmt.kind == "float" and _float_significand(fmt.name, int(fmt.bits)) is None:
+        return (f"float weights ({fmt}) name no sign + eXmY minifloat format of {fmt.bits} bits: no MAC cost for "
+                "them (bitmod's extra special values, for one, are not a plain minifloat)")
+    if fmt.kind not in ("int", "float") or not float(fmt.bits).is_integer():
+        return f"layer format '{fmt}' is not an integer grid or a minifloat format"
     if fmt.adapter is not None:
         return f"recovery adapters ({fmt}): the adapter branch is not part of the simulated layer"
     act = fmt.act
-    if (act is not None and act.kind != "int" and act.bits < 32) or (act is None and fmt.notes):
-        return f"activation format of {fmt}: the accelerator's MAC array multiplies integers"
+    if act is None and fmt.notes:
+        return f"activation format of {fmt}: the accelerator's MAC array multiplies integers or minifloats"
+    if act is not None and act.bits < 32 and (act.kind == "binary" or (
+            act.kind == "float" and _float_significand(act.name, act.bits) is None)):
+        return f"activation format of {fmt}: the accelerator's MAC array multiplies integers or eXmY minifloats"
     return int(fmt.bits), act.bits if act is not None and act.bits < 32 else default_bits
+
+
+def float_significands(fmt: LayerFormat | None) -> tuple[int | None, int | None]:
+    """Significand bits of a (simulable) layer's float weight and float activation operands; None: integer."""
+    if fmt is None:
+        return None, None
+    w = _float_significand(fmt.name, int(fmt.bits)) if fmt.kind == "float" else None
+    act = fmt.act
+    a = _float_significand(act.name, act.bits) if act is not None and act.kind == "float" and act.bits < 32 else None
+    return w, a
 
 
 @dataclass
@@ -108,8 +146,10 @@ class FpgaSimBackend(HardwareBackend):
     csim_max_params: int = 200_000  # larger models are not C-simulated (reason recorded)
     hls_dir: str | None = None  # parent of the temporary hls4ml projects (None: the system temp dir)
     capabilities: ClassVar[dict] = {
-        "weight_formats": ["int1..int8 (data movement at the stored width)", "float layers at default_bits"],
-        "activation_formats": ["int (8-bit when the method quantized them, else default_bits)"],
+        "weight_formats": ["int1..int8 (data movement at the stored width)", "float layers at default_bits",
+                           "eXmY minifloats (MAC energy estimated: model:horowitz_isscc2014_45nm_widthfit)"],
+        "activation_formats": ["int (8-bit when the method quantized them, else default_bits)",
+                               "eXmY minifloats (as weights)"],
         "low_bit_kernels": ["simulated: ZigZag cost model"], "binary_ops": False, "sparsity": [],
         "workloads": ["image"],
         "accuracy": ["hls4ml C simulation (ap_fixed) of small image classifiers; else the torch model's"],
@@ -234,15 +274,34 @@ class FpgaSimBackend(HardwareBackend):
                     unique.append({**data, "id": len(unique), "name": f"u{len(unique)}",
                                    "operand_source": {"W": len(unique), "I": len(unique)}})
                 macs = math.prod(data["loop_sizes"][data["loop_dims"].index(d)] for d in data["loop_dims"])
+                w_sig, a_sig = float_significands(layer_format.get(name))
                 layers.append({"layer": name, "onnx_node": node.name, "w_bits": bits[0], "a_bits": bits[1],
-                               "macs": macs, "unique": keys[key]})
+                               "w_significand": w_sig, "a_significand": a_sig, "macs": macs, "unique": keys[key]})
             if not layers:
                 raise ConfigError("the ONNX graph has no Conv/Gemm/MatMul layer with constant weights",
                                   "fpga_sim simulates conv/linear models")
             results = self._zigzag(unique, tmp)
         for layer in layers:
             layer.update(results[layer["unique"]])
+            self._minifloat_mac_energy(layer)
         return layers
+
+    def _minifloat_mac_energy(self, layer: dict) -> None:
+        """A layer with a minifloat operand: ZigZag's MAC energy is the array's integer MAC's (its unit_energy);
+        scale it by the estimated energy of this layer's MAC over the array's own integer MAC, both from
+        energy.WIDTH_FIT_TABLE. Integer layers keep ZigZag's figure; cycles are kept (one MAC per unit per cycle)."""
+        if layer["w_significand"] is None and layer["a_significand"] is None:
+            return
+        mac_bits = self.spec.get("mac_bits")
+        if not isinstance(mac_bits, int) or mac_bits < 1:
+            raise ConfigError(f"{self.spec['path']} states no 'mac_bits' (its multipliers' integer width)",
+                              "add e.g. mac_bits: 8, the width its MAC unit_energy is for")
+        w_kind, w_sig = ("float", layer["w_significand"]) if layer["w_significand"] else ("int", layer["w_bits"])
+        a_kind, a_sig = ("float", layer["a_significand"]) if layer["a_significand"] else ("int", layer["a_bits"])
+        ratio = energy.mac_pj(w_kind, w_sig, a_kind, a_sig) / energy.mac_pj("int", mac_bits, "int", mac_bits)
+        scaled = layer["mac_energy_pj"] * ratio
+        layer.update(mac_energy_ratio=ratio, energy_pj=layer["energy_pj"] - layer["mac_energy_pj"] + scaled,
+                     mac_energy_pj=scaled)
 
     def _zigzag(self, workload: list[dict], tmp: Path) -> list:
         """ZigZag's API pipeline (zigzag.api.get_hardware_performance_zigzag) without its result files and
@@ -292,19 +351,25 @@ class FpgaSimBackend(HardwareBackend):
         cycles = sum(layer["cycles"] for layer in layers)
         pj = sum(layer["energy_pj"] for layer in layers)
         macs = sum(layer["macs"] for layer in layers)
-        source = "sim:zigzag"
+        minifloat = [la for la in layers if "mac_energy_ratio" in la]
+        # minifloat MACs are an estimate from a table, the rest ZigZag's: sums of both name both sources
+        source = f"sim:zigzag+model:{energy.WIDTH_FIT_TABLE}" if minifloat else "sim:zigzag"
         m = {f"latency.{label}.sim_cycles": cycles, f"latency.{label}.sim_s": cycles / float(self.spec["clock_hz"]),
              "sim.mac_utilization": sum(la["utilization"] * la["macs"] for la in layers) / max(macs, 1),
              "sim.macs": float(macs), energy.metric_name("j_per_image", source): pj * 1e-12,
-             # the split says where bits matter: memory traffic follows operand widths, MAC energy does not
+             # the split says where bits matter: memory traffic follows operand widths, integer MAC energy does not
              energy.metric_name("mac_j_per_image", source): sum(la["mac_energy_pj"] for la in layers) * 1e-12,
-             energy.metric_name("memory_j_per_image", source): sum(la["mem_energy_pj"] for la in layers) * 1e-12}
+             energy.metric_name("memory_j_per_image", "sim:zigzag"):
+                 sum(la["mem_energy_pj"] for la in layers) * 1e-12}
         for la in layers:
             n = la["layer"]
             m[f"sim.layer.{n}.cycles"] = la["cycles"]
             m[f"sim.layer.{n}.utilization"] = la["utilization"]
             m[f"sim.layer.{n}.w_bits"] = float(la["w_bits"])
+            m[f"sim.layer.{n}.a_bits"] = float(la["a_bits"])
             m[energy.metric_name(f"layer_pj.{n}", source)] = la["energy_pj"]
+            if "mac_energy_ratio" in la:
+                m[f"sim.layer.{n}.mac_energy_vs_array_int{self.spec['mac_bits']}"] = la["mac_energy_ratio"]
         from importlib.metadata import version
 
         tags = {"execution": f"simulated ({self.spec['name']})", "energy_source": source, "threads": "n/a (simulated)",
@@ -315,6 +380,21 @@ class FpgaSimBackend(HardwareBackend):
                 "default_bits": f"{self.default_bits} (unquantized weights/activations)",
                 "sim_input": "x".join(map(str, workload.inputs[:1].shape)),
                 "energy_note": "data movement at each operand's width; MAC energy fixed per operation by the array"}
+        if minifloat:
+            tags["energy_note"] = (
+                "data movement at each operand's width (sim:zigzag); integer MACs at the array's fixed unit energy; "
+                f"minifloat MACs ({len(minifloat)} layers) an estimate, model:{energy.WIDTH_FIT_TABLE}: the array's "
+                f"int{self.spec['mac_bits']} MAC energy x (estimated pJ of the layer's MAC / of an "
+                f"int{self.spec['mac_bits']} MAC), Horowitz ISSCC 2014 45 nm entries with a multiplier energy fitted "
+                "to significand widths, float products accumulated in fp32 (bench/energy.py mac_pj); cycles as an "
+                "integer MAC's")
+
+            def operand(bits: int, significand: int | None) -> str:
+                return f"fp{bits}(significand {significand})" if significand else f"int{bits}"
+
+            tags["minifloat_layers"] = json.dumps({la["layer"]: f"{operand(la['w_bits'], la['w_significand'])} x "
+                                                   f"{operand(la['a_bits'], la['a_significand'])}"
+                                                   for la in minifloat})[:5000]
         if csim is None:
             tags["csim"] = f"not run: {packed.info.get('csim_not_run') or self.csim_reason(packed) or 'not deployed'}"
         else:

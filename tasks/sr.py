@@ -8,8 +8,12 @@ is clamped and rounded to uint8 as a saved image would be; then
   scale) cropped, the numbers papers report;
 - `psnr_rgb`: on the three RGB channels with the same border, as NTIRE 2022 ESR scores.
 Metric names carry set, scale, measure and border, e.g. `set5.x4.psnr_y.b4` (`.firstN` with `limit`).
-Cost: multiply-accumulates counted by hooks for one 256 x 256 LR input (`cost.macs.lr256`, what NTIRE
-reports as FLOPs) and parameters. Per-image values are kept for paired comparisons.
+Cost, for one 256 x 256 LR input as NTIRE 2022 ESR counts it: multiply-accumulates counted by hooks
+(`cost.macs.lr256`, what NTIRE reports as FLOPs), activations (`cost.conv_activations.lr256`: elements of every
+conv output, the challenge's "#Acts" as ofsoundof/NTIRE2022_ESR utils/model_summary.py defines it, written anew),
+conv outputs counted (`cost.conv_calls.lr256`, its "#Conv") and parameters (`cost.params`). The challenge's fifth
+number, runtime, is the hardware backend's latency of the same 256 x 256 workload (e.g. `hardware=cpu`).
+Per-image values are kept for paired comparisons.
 The hardware workload is one seeded 256 x 256 LR input in the model's input range.
 """
 
@@ -97,9 +101,15 @@ class SuperResolution(Task):
                 vals = [r[i] for r in rows]
                 metrics.append(Metric(f"{prefix}.{measure}.b{b}{lim}", float(np.mean(vals)), "higher", unit,
                                       per_sample=vals, per_sample_name=f"image_{measure}"))
-        x = self._cost_input(model)
-        metrics.append(Metric(f"cost.macs.lr{self.cost_lr_size}", float(image.count_macs(model.module, x)), "lower",
+        x, lr = self._cost_input(model), f"lr{self.cost_lr_size}"
+        metrics.append(Metric(f"cost.macs.{lr}", float(image.count_macs(model.module, x)), "lower",
                               "MAC", notes={"counted": "forward hooks on Conv2d/Linear"}))
+        acts, convs = image.count_conv_activations(model.module, x)
+        counted = "forward hooks on Conv2d/ConvTranspose2d, NTIRE2022_ESR utils/model_summary.py's definition"
+        metrics.append(Metric(f"cost.conv_activations.{lr}", float(acts), "lower", "element",
+                              notes={"counted": f"elements of every conv output: {counted}"}))
+        metrics.append(Metric(f"cost.conv_calls.{lr}", float(convs), "lower", "",
+                              notes={"counted": f"conv outputs counted (NTIRE's #Conv): {counted}"}))
         metrics.append(Metric("cost.params", float(sum(p.numel() for p in model.module.parameters())), "lower"))
         return metrics
 

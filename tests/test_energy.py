@@ -39,3 +39,13 @@ def test_record_labels_the_estimate_with_its_table():
 def test_a_bare_source_is_refused():
     with pytest.raises(ValueError, match="not one of rapl, nvml"):
         energy.metric_name("j_per_image", "joulemeter")
+    with pytest.raises(ValueError, match="not one of rapl, nvml"):
+        energy.metric_name("j_per_image", "sim:zigzag+joulemeter")
+
+
+def test_a_sum_of_two_sources_names_both():
+    assert energy.metric_name("j_per_image", "sim:zigzag+model:horowitz_isscc2014_45nm_widthfit") == \
+        "energy.j_per_image.sim-zigzag_and_model-horowitz_isscc2014_45nm_widthfit"
+    assert energy.source_of("sim-zigzag_and_model-horowitz_isscc2014_45nm_widthfit") == \
+        "sim:zigzag+model:horowitz_isscc2014_45nm_widthfit"
+    assert energy.source_of("model-horowitz_isscc2014_45nm") == "model:horowitz_isscc2014_45nm"

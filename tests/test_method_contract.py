@@ -53,7 +53,8 @@ REFUSED = {
     "cpu": set(),
     # + mixed widths, activation quantization, convolutions
     "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "edgeqat", "static_ptq", "hawq_v3", "qdiffusion"},
-    "fpga_sim": LM_METHODS | BINARY | FLOAT | NONUNIFORM,  # image models only; an integer MAC array
+    # image models only; integer and eXmY minifloat MACs (bitmod's floats are not plain eXmY: an LM method anyway)
+    "fpga_sim": LM_METHODS | BINARY | NONUNIFORM,
     # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's emulated arithmetic
     "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "hawq_v3", "layerwise_bits", "lmul"},
 }

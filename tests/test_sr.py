@@ -1,5 +1,5 @@
-"""Super-resolution track: image metrics against known values, the MATLAB Y formula, the MAC counter on
-layers of known cost, and the SR task reproducing the published RLFN / IMDN numbers on Set5."""
+"""Super-resolution track: image metrics against known values, the MATLAB Y formula, the MAC and activation
+counters on layers of known cost, and the SR task reproducing the published RLFN / IMDN numbers on Set5."""
 
 import math
 
@@ -46,6 +46,24 @@ def test_mac_counter_on_layers_of_known_cost():
     assert image.count_macs(net, torch.zeros(1, 3, 2, 2)) == 60
 
 
+def test_activation_counter_on_a_network_counted_by_hand():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.down = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+            self.up = torch.nn.ConvTranspose2d(6, 2, 2, stride=2)
+            self.fc = torch.nn.Linear(2, 5)
+
+        def forward(self, x):
+            y = self.up(torch.relu(self.down(self.c1(self.c1(x)))))
+            return self.fc(y.mean((2, 3)))
+
+    acts, convs = image.count_conv_activations(Net(), torch.zeros(1, 4, 8, 8))
+    # c1 twice: 2 x 4 x 8 x 8 = 512; down: 6 x 4 x 4 = 96; up: 2 x 8 x 8 = 128; the Linear's 5 outputs not counted
+    assert (acts, convs) == (512 + 96 + 128, 4)
+
+
 @pytest.fixture(scope="module")
 def rlfn():
     spec = models.ModelSpec(name="rlfn", source="sr_checkpoint", arch="rlfn", storage_dtype="float16")
@@ -63,6 +81,8 @@ def test_sr_task_reproduces_published_rlfn_on_set5(rlfn):
     assert metrics["set5.x4.psnr_rgb.b4"].value == pytest.approx(30.320, abs=0.01)
     assert len(metrics["set5.x4.psnr_y.b4"].per_sample) == 5
     assert metrics["cost.params"].value == 543_740
+    assert metrics["cost.conv_activations.lr256"].value == 126_490_304  # as tests/test_sr_archs.py counts it
+    assert metrics["cost.conv_calls.lr256"].value == 57
     work = task.workload(rlfn)
     assert work.kind == "image" and work.inputs.shape == (1, 3, 256, 256)
 

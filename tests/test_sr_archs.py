@@ -42,6 +42,29 @@ def test_strict_load_param_count_and_shape(name):
     assert y.shape == (2, 3, 4 * h, 4 * h) and torch.isfinite(y).all()
 
 
+# NTIRE 2022 ESR's cost protocol at its 256 x 256 LR input (bench.image.count_conv_activations / count_macs):
+# (#Acts = elements of all conv outputs, #Conv, MACs). Published: RLFN_ntire 80.05 M acts, 0.317 M params, 19.70 G
+# FLOPs (bytedance/RLFN README); IMDN 154.14 M acts, 43 convs; RFDN 112.03 M acts, 64 convs (the challenge report's
+# table, Li et al., CVPRW 2022, as recalled: its figure is not readable offline). The challenge's FLOPs also add
+# one per LeakyReLU/ReLU module output, so they sit above the MACs (RLFN_ntire: 19.66 G MACs + 0.04 G).
+NTIRE_COSTS = {"rlfn": (126_490_304, 57, 33_931_447_296), "rlfn_s": (118_101_696, 57, 29_120_842_752),
+               "rlfn_ntire": (80_045_184, 39, 19_658_082_304), "imdn": (154_140_672, 43, 58_430_849_024),
+               "rfdn": (112_034_240, 64, 27_033_648_384), "ditn": (467_140_608, 67, 28_873_850_880)}
+
+
+@pytest.mark.parametrize("name", list(NTIRE_COSTS))
+def test_ntire_activation_and_mac_counts_at_256(name):
+    from bench import image
+
+    model, x = SR_ARCHS[name].builder().eval(), torch.zeros(1, 3, 256, 256)  # counts depend on shapes only
+    acts, convs = image.count_conv_activations(model, x)
+    assert (acts, convs, image.count_macs(model, x)) == NTIRE_COSTS[name]
+    published = {"rlfn_ntire": 80.05, "imdn": 154.14, "rfdn": 112.03}
+    if name in published:
+        assert round(acts / 1e6, 2) == published[name]
+        assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
 def test_esa_models_reject_inputs_below_their_minimum():
     model = SR_ARCHS["rlfn_ntire"].builder().eval()
     with torch.no_grad():
