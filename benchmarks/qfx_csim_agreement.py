@@ -5,6 +5,7 @@ C simulation, the images whose top-1 agrees, and the images whose every logit is
 claim; tests/test_qfx.py checks 16 images).
 
 Usage: .venv/bin/python benchmarks/qfx_csim_agreement.py [--bits 8 6 4] [--epochs 10] [--threads 1]
+       [--model-epochs N: the LeNet's training epochs, default configs/model/lenet_digits.yaml's 30]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--epochs", type=int, default=10, help="QFX's QAT epochs (configs/method/qfx.yaml: 10)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model-epochs", type=int, default=None)
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent.parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -36,6 +38,8 @@ def main() -> None:
     node = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "lenet_digits.yaml"))
     node.pop("_target_")
     node["results"] = args.results
+    if args.model_epochs is not None:
+        node["recipe"]["epochs"] = args.model_epochs
     model = models.load(models.ModelSpec(**node))
     x, y = DigitsTop1().heldout(model)
     backend = FpgaSimBackend(lpf_limit=2)
