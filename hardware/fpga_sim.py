@@ -47,6 +47,12 @@ runner evaluates the task on it (`<metric>.deployed`, `<metric>.deployed_minus_f
 - accumulators and each conv/linear output: hls4ml's `auto` (exact for those operands);
 - inputs and every activation/pooling output: `hls_precision` (default ap_fixed<16,6>: TRN/WRAP, hls4ml's default):
   this is where the fixed-point model rounds where torch computes in fp32.
+A model that declares its own fixed-point types (`bench_fixed_point`, written by a fixed-point method such as qfx:
+the input's type and, per conv/linear layer, its weight, bias and result types) is compiled at exactly those: the
+declared weight/bias types must hold the stored values exactly (else the build fails with the layer named), each
+layer's result type is also the type of the activation and pooling layers that follow it (they commute with the
+cast), accumulators stay `auto`; the execution is then `hls4ml-csim-declared-ap_fixed`, and the method's own
+activation grid is what runs, so its activation quantization is not a reason to skip the C simulation.
 The ZigZag costs are still computed from the torch model's ONNX graph at the stored bit-widths: the C simulation
 says what the fixed-point datapath computes, not what it costs. The hls4ml project lives in a temporary directory
 (`hls_dir`, default the system temp dir), removed when the deployed model is freed.
@@ -210,8 +216,9 @@ class FpgaSimBackend(HardwareBackend):
         if n > self.csim_max_params:
             return (f"{n} parameters > hardware.csim_max_params={self.csim_max_params}: every weight is a C++ array "
                     "and every MAC an ap_fixed operation, too slow to C-simulate the task")
+        declared = getattr(model, "bench_fixed_point", None) is not None  # its activation grid is ap_fixed types
         for layer, fmt in packed.layer_format.items():
-            if (fmt.act is not None and fmt.act.bits < 32) or fmt.notes or fmt.adapter:  # a32: float activations
+            if (fmt.act is not None and fmt.act.bits < 32 and not declared) or fmt.notes or fmt.adapter:
                 return (f"{layer}: activation quantization ({fmt}) uses a float per-tensor scale, not an ap_fixed "
                         "type; the C simulation would not run the method's activation grid")
         try:
@@ -245,6 +252,8 @@ class FpgaSimBackend(HardwareBackend):
             tmp = Path(tmp)
             onnx_path = tmp / "model.onnx"
             model = model.eval()
+            if any(p.dtype != torch.float32 for p in model.parameters()):  # e.g. float64 fixed-point emulation
+                model = copy.deepcopy(model).float()
             hooks = _strip_pre_hooks(model)  # activation fake-quant is the precision attribute here, not ops
             try:
                 with torch.no_grad():
@@ -497,6 +506,32 @@ def fixed_type(values: torch.Tensor, max_bits: int) -> tuple[FixedType, torch.Te
     return FixedType(max_bits, i, False, float((q - v).abs().max())), q.to(values.dtype)
 
 
+def declared_type(values: torch.Tensor, precision: str, what: str) -> FixedType:
+    """A declared ap_fixed<W,I> type of stored values, checked to hold every value exactly."""
+    m = _AP_FIXED.match(precision.replace(" ", ""))
+    if m is None:
+        raise ConfigError(f"{what}: declared type {precision} is not an ap_fixed type", "declare ap_fixed<W,I>")
+    width, integer = int(m.group(1)), int(m.group(2))
+    codes = values.detach().double() * 2.0 ** (width - integer)
+    if not (torch.equal(codes, codes.round()) and codes.min() >= -(2 ** (width - 1))
+            and codes.max() <= 2 ** (width - 1) - 1):
+        raise ConfigError(f"{what}: the stored values are not all on the declared {precision} grid",
+                          "the method must store values its declared types hold")
+    return FixedType(width, integer, True, 0.0)
+
+
+def _declare_activation_types(names: dict, declared: dict, model: nn.Module) -> None:
+    """The input's declared type, and each activation/pooling/reshape layer after a conv/linear at that layer's
+    result type (hls4ml's layer configs are in graph order)."""
+    weight_layers = {n.replace(".", "_") for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    current = declared["input"]
+    for i, (hls_name, cfg) in enumerate(names.items()):
+        if hls_name in weight_layers:
+            current = cfg["Precision"]["result"]
+        elif i == 0 or "result" in cfg.get("Precision", {}):
+            cfg.setdefault("Precision", {})["result"] = current
+
+
 class HlsCSim(nn.Module):
     """A packed image classifier as hls4ml's C simulation runs it: forward() feeds the batch to the compiled
     HLS C++ (ap_fixed arithmetic) and returns its outputs as float32."""
@@ -524,7 +559,12 @@ class HlsCSim(nn.Module):
 
         shape = tuple(int(d) for d in packed.model.bench_input_shape)
         model = copy.deepcopy(packed.model).eval()
-        _strip_pre_hooks(model)  # csim_reason refused activation quantization; nothing else may hide in hooks
+        # csim_reason refused activation quantization unless the model declares its types; no hook is converted
+        _strip_pre_hooks(model)
+        declared = getattr(packed.model, "bench_fixed_point", None)
+        if declared is not None:
+            for mod in model.modules():
+                mod._forward_hooks.clear()  # the declared result types are those casts
         config = hls4ml.utils.config_from_pytorch_model(model, shape, granularity="name", backend="Vitis",
                                                         default_precision=backend.hls_precision)
         names = config["LayerName"]
@@ -536,6 +576,13 @@ class HlsCSim(nn.Module):
                 hls_name = name.replace(".", "_")
                 if hls_name not in names:
                     raise ConfigError(f"layer {name} has no hls4ml layer {hls_name}", "the model did not convert 1:1")
+                if declared is not None:
+                    types = declared["layers"][name]
+                    weights[name] = {k: declared_type(getattr(mod, k), types[k], f"{name}.{k}")
+                                     for k in ("weight", "bias") if getattr(mod, k) is not None}
+                    names[hls_name]["Precision"] = {**{k: types[k] for k in weights[name]},
+                                                    "result": types["result"], "accum": "auto"}
+                    continue
                 wt, wq = fixed_type(mod.weight, backend.max_weight_bits)
                 mod.weight.copy_(wq)
                 prec = {"weight": wt.precision, "result": "auto", "accum": "auto"}
@@ -546,6 +593,8 @@ class HlsCSim(nn.Module):
                     prec["bias"] = bt.precision
                     weights[name]["bias"] = bt
                 names[hls_name]["Precision"] = prec
+        if declared is not None:
+            _declare_activation_types(names, declared, model)
         workdir = tempfile.mkdtemp(prefix="bench-hls4ml-", dir=backend.hls_dir)
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # hls4ml prints its topology and progress
@@ -560,7 +609,8 @@ class HlsCSim(nn.Module):
                       for layer in hls_model.get_layers()}
         gxx = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout.splitlines()
         versions = {"hls4ml": version("hls4ml"), "g++": gxx[0] if gxx else "?"}
-        execution = f"hls4ml-csim-{backend.hls_precision.replace(' ', '')}"
+        execution = ("hls4ml-csim-declared-ap_fixed" if declared is not None
+                     else f"hls4ml-csim-{backend.hls_precision.replace(' ', '')}")
         return cls(hls_model, shape, execution, precisions, weights, workdir, versions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

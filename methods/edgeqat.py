@@ -41,13 +41,8 @@ from bench.models import adapter_for, round_to_storage
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
 from bench.quant import IntQuantized
-from bench.quant.integer import fp16_ste, load_int_layer, restore_bias, round_ste, stored_int_layer
+from bench.quant.integer import fp16_ste, load_int_layer, restore_bias, round_ste, scale_grad, stored_int_layer
 from bench.training import TrainingRecord
-
-
-def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """x in the forward pass, g x's gradient in the backward (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
 
 
 def act_levels(bits: int, signed: bool) -> tuple[int, int]:
@@ -59,8 +54,8 @@ def fake_quant_static(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, b
     """LSQ+ fake quantization with a learned step and zero point (straight-through rounding)."""
     qn, qp = act_levels(bits, signed)
     x = x.float()  # fp32: a linear's input may be bf16 under autocast (callers cast back or feed a linear)
-    s = fp16_ste(_grad_scale(step, grad_scale).clamp(min=1e-8))
-    z = round_ste(_grad_scale(zero, grad_scale))
+    s = fp16_ste(scale_grad(step, grad_scale).clamp(min=1e-8))
+    z = round_ste(scale_grad(zero, grad_scale))
     return (round_ste(torch.clamp(x / s + z, qn, qp)) - z) * s
 
 
@@ -87,7 +82,7 @@ class EdgeQATLinear(nn.Module):
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fake-quantized weight and its signed integer codes."""
         qn, qp = -(2 ** (self.w_bits - 1)), 2 ** (self.w_bits - 1) - 1
-        s = fp16_ste(_grad_scale(self.w_step, 1 / (self.weight.numel() * qp) ** 0.5).clamp(min=1e-8))
+        s = fp16_ste(scale_grad(self.w_step, 1 / (self.weight.numel() * qp) ** 0.5).clamp(min=1e-8))
         q = round_ste(torch.clamp(self.weight / s, qn, qp))
         return q * s, q.detach()
 

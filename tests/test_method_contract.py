@@ -24,6 +24,8 @@ from conftest import compose, loaded_tiny, random_calib, tiny_vit
 METHODS = registry.choices("method")
 # the tiny models, in the order a method's kinds are tried (image_sr: RLFN-S's checkpoint under the data root)
 KINDS = ("causal_lm", "image_sr", "diffusion", "image_classifier")
+# methods the tiny model of their kind does not fit: qfx casts conv/linear classifiers trained on a recorded split
+TINY_MODEL = {"qfx": "lenet_digits"}
 TINY_DDPM = {"dataset": "sklearn_digits", "ch": 8, "mults": [1, 2], "n_res": 1, "timesteps": 1000, "train_steps": 30,
              "batch_size": 32, "lr": 2e-3, "ema_decay": 0.9, "seed": 0}
 # options that keep a method's searches small on a tiny model (never its format), or give it what it needs there
@@ -35,6 +37,7 @@ FAST = {
     "qdiffusion": ["method.calib_steps=4", "method.interval=2"],
     "token_pruning": ["method.prune_blocks=[1,2]"],
     **{depth: ["method.n_blocks=1"] for depth in ("shortgpt", "sleb")},
+    "qfx": ["method.epochs=1"],
     "foldgpt": ["method.n_blocks=1", "budget.train_steps=12", "budget.batch_size=2"],  # its gates must separate
     "hybrid_sd": ["method.large_steps=3", "method.total_steps=10"] + [
         f"method.small_model.recipe.{k}={v}" for k, v in {**TINY_DDPM, "seed": 1}.items()
@@ -52,11 +55,12 @@ SPARSE = {"magnitude", "wanda", "sparsegpt"}
 REFUSED = {
     "cpu": set(),
     # + mixed widths, activation quantization, convolutions
-    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "edgeqat", "static_ptq", "hawq_v3", "qdiffusion"},
+    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "edgeqat", "static_ptq", "hawq_v3", "qdiffusion",
+                                                          "qfx"},
     # image models only; integer and eXmY minifloat MACs (bitmod's floats are not plain eXmY: an LM method anyway)
     "fpga_sim": LM_METHODS | BINARY | NONUNIFORM,
-    # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's emulated arithmetic
-    "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "hawq_v3", "layerwise_bits", "lmul"},
+    # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's and qfx's emulated arithmetic
+    "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "hawq_v3", "layerwise_bits", "lmul", "qfx"},
 }
 
 
@@ -78,6 +82,8 @@ def tiny(tmp_path_factory):
     out["diffusion"] = (ddpm, noise, results)
     images = (torch.rand(8, 3, 32, 32, generator=g) * 255).round()
     out["image_classifier"] = (tiny_vit(), CalibSet(CalibSpec(name="rand"), images, "x"), results)
+    out["lenet_digits"] = (models.load(models.ModelSpec(name="lenet_digits", source="suite_classifier",
+                                                        recipe={"epochs": 1}, results=str(results))), None, results)
     return out
 
 
@@ -88,7 +94,10 @@ def _sample_input(model) -> tuple:
     if model.kind == "diffusion":
         return torch.randn(2, 1, 8, 8, generator=g), torch.tensor([999, 10])
     side = 32 if model.kind == "image_classifier" else 16
-    return ((torch.rand(1, 3, side, side, generator=g) * model.info["input_range"]),)
+    shape = getattr(model.module, "bench_input_shape", None) or (3, side, side)
+    if isinstance(model.info["input_range"], str):  # the digits classifiers': "[-1, 1] (raw / 8 - 1)"
+        return (torch.rand(1, *shape, generator=g) * 2 - 1,)
+    return ((torch.rand(1, *shape, generator=g) * model.info["input_range"]),)
 
 
 def _output(module, x):
@@ -110,7 +119,7 @@ def test_every_method_compresses_restores_bit_exactly_and_states_its_format(name
     results = next(iter(tiny.values()))[2]
     cfg = compose(f"method={name}", "budget=tiny", "seed=0", f"paths.results={results}", *FAST.get(name, []))
     method, budget = instantiate(cfg.method, _convert_="all"), instantiate(cfg.budget)
-    kind = next((k for k in KINDS if k in method.applies_to and k in tiny), None)
+    kind = TINY_MODEL.get(name) or next((k for k in KINDS if k in method.applies_to and k in tiny), None)
     if kind is None:
         pytest.skip(f"{name}: no tiny model of a kind it applies to here ({', '.join(method.applies_to)})")
     base, calib, _ = tiny[kind]

@@ -98,6 +98,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+def scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
+    """x in the forward pass, g x's gradient in the backward (LSQ's step-size gradient scale)."""
+    return (x - x * g).detach() + x * g
+
+
 def fp16_ste(x: torch.Tensor) -> torch.Tensor:
     """x rounded to fp16, as it will be stored, with a straight-through gradient (learned steps and scales)."""
     return x + (x.half().float() - x).detach()
