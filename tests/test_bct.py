@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from conftest import compose, loaded_tiny
-from hydra.utils import instantiate
 
 from bench import models
 from bench.budget import Budget
@@ -17,6 +16,7 @@ from bench.cache import ArtifactStore
 from bench.errors import ConfigError
 from bench.methods.bct import BCT, bct_attention
 from bench.quant.activation import fake_quant_blocks
+from bench.runner import build
 
 
 def block_view(t: torch.Tensor, block: int) -> list[torch.Tensor]:
@@ -168,5 +168,5 @@ def test_8bit_perplexity_stays_within_half_a_percent_of_fp32_and_fewer_bits_cost
     ("method.block_size=0", "method.block_size=0 is not a block size")])
 def test_a_bad_setting_raises_one_readable_config_error(override, problem):
     with pytest.raises(ConfigError) as e:
-        instantiate(compose("method=bct", override).method, _convert_="all")
+        build(compose("method=bct", override).method, "method")
     assert str(e.value).startswith(problem) and "\n" not in str(e.value)
