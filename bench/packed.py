@@ -72,10 +72,12 @@ class Packed:
             for k, t in ts.items():
                 out[f"{layer}.{k}"] = t.contiguous()
         prefixes = tuple(f"{layer}." for layer in self.layers)
-        seen: set[int] = set()
-        for name, p in self.model.state_dict().items():
+        state = self.model.state_dict()
+        # tied weights (embeddings == head) are stored once: not at all beside a compressed layer they alias
+        seen = {p.data_ptr() for name, p in state.items() if name.startswith(prefixes)}
+        for name, p in state.items():
             if name.startswith(prefixes) or p.data_ptr() in seen:
-                continue  # tied weights (embeddings == head) are stored once
+                continue
             seen.add(p.data_ptr())
             out[name] = p.detach().to(storage).contiguous()
         return out
@@ -84,9 +86,11 @@ class Packed:
         tensors = self.tensors(base)
         block_linears = {r.name for r in base.adapter.linears()}
         n_weights = base.info["n_block_linear_weights"]
+        compressed_linears = [lay for lay in self.layers if lay in block_linears]  # not a compressed embedding
 
         def is_linear(key: str) -> bool:
-            return key.rpartition(".")[0] in block_linears or any(key.startswith(f"{lay}.") for lay in self.layers)
+            return key.rpartition(".")[0] in block_linears or \
+                any(key.startswith(f"{lay}.") for lay in compressed_linears)
 
         linear = sum(t.numel() * t.element_size() for k, t in tensors.items() if is_linear(k))
         other = sum(t.numel() * t.element_size() for k, t in tensors.items() if not is_linear(k))

@@ -45,22 +45,24 @@ FAST = {
 }
 # every method runs on each backend but these (tiny models: LLaMA 128/256 wide, RLFN-S, TinyUNet-8, ViT; tflite's
 # recipe dynamic_int8)
-LM_METHODS = {"abq", "awq", "baq", "billm", "binarymos", "bitmod", "dbllm", "edgeqat", "foldgpt", "fp_rtn", "gptq",
+LM_METHODS = {"abq", "awq", "baq", "bct", "billm", "binarymos", "bitmod", "dbllm", "edgeqat", "foldgpt", "fp_rtn", "gptq",
               "l4q", "layerwise_bits", "llm_fp4", "lmul", "magnitude", "none", "nupes", "onebit", "pbllm", "pipeline",
               "rtn", "shortgpt", "sign", "sleb", "smoothquant", "sparsegpt", "ternary", "wanda", "xnor"}  # tiny LLaMA
 BINARY = {"sign", "xnor", "billm", "pbllm", "onebit", "dbllm", "binarymos", "birealnet", "biper", "binarydm", "ternary"}
 FLOAT = {"bitmod", "fp_rtn", "llm_fp4", "minifloat", "fp_lowbit"}
 NONUNIFORM = {"nupes"}  # power-function grid: codes of a uniform grid over sign(w)|w|^a, not of w
+BLOCKWISE_ACTS = {"bct"}  # per-block activation scales, quantized softmax/norm/activation outputs: no kernel has them
 SPARSE = {"magnitude", "wanda", "sparsegpt"}
 REFUSED = {
     "cpu": set(),
     # + mixed widths, activation quantization, convolutions
-    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "edgeqat", "static_ptq", "hawq_v3", "qdiffusion",
-                                                          "qfx"},
+    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | BLOCKWISE_ACTS | {"baq", "edgeqat", "static_ptq", "hawq_v3",
+                                                                          "qdiffusion", "qfx"},
     # image models only; integer and eXmY minifloat MACs (bitmod's floats are not plain eXmY: an LM method anyway)
     "fpga_sim": LM_METHODS | BINARY | NONUNIFORM,
     # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's and qfx's emulated arithmetic
-    "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "hawq_v3", "layerwise_bits", "lmul", "qfx"},
+    "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | BLOCKWISE_ACTS | {"baq", "hawq_v3", "layerwise_bits", "lmul",
+                                                                      "qfx"},
 }
 
 

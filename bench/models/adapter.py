@@ -64,6 +64,10 @@ class DecoderAdapter:
     def embeddings(self) -> list[nn.Module]:
         raise NotImplementedError
 
+    def mlp_activation(self, block: nn.Module) -> nn.Module:
+        """The MLP's elementwise activation module (SiLU, GELU, ReLU ...), for methods that quantize its output."""
+        raise NotImplementedError
+
     def norm_consumer(self, block: nn.Module, norm: str) -> nn.Module:
         """The smallest submodule that computes everything the norm's linears feed (e.g. self-attention),
         called with the norm's output: what activation-aware searches compare before and after."""

@@ -25,6 +25,9 @@ class LlamaAdapter(DecoderAdapter):
     def block_norms(self, block):
         return {"attn": block.input_layernorm, "mlp": block.post_attention_layernorm}
 
+    def mlp_activation(self, block):
+        return block.mlp.act_fn  # SiLU for LLaMA/SmolLM: down_proj reads act_fn(gate) * up
+
     def norm_consumer(self, block, norm: str):
         return {"attn": block.self_attn, "mlp": block.mlp}[norm]
 

@@ -25,6 +25,9 @@ class OptAdapter(DecoderAdapter):
     def block_norms(self, block):
         return {"attn": block.self_attn_layer_norm, "mlp": block.final_layer_norm}
 
+    def mlp_activation(self, block):
+        return block.activation_fn  # ReLU for OPT: fc2 reads activation_fn(fc1)
+
     def norm_consumer(self, block, norm: str):
         return {"attn": block.self_attn, "mlp": block.fc1}[norm]
 

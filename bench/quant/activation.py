@@ -67,6 +67,23 @@ def fake_quant_activations(x: torch.Tensor, spec: ActQuantSpec) -> torch.Tensor:
     return (torch.clamp(torch.round(xf / scale), -qmax - 1, qmax) * scale).to(x.dtype)
 
 
+def fake_quant_blocks(x: torch.Tensor, bits: int, block_size: int, unsigned: bool = False) -> torch.Tensor:
+    """Dynamic integer fake-quant of `x` in blocks of `block_size` consecutive elements of its last dimension (the
+    last block shorter when the size does not divide it; one block when the dimension is shorter), each block with
+    its own absmax scale, fp32, computed on the fly: signed symmetric codes in [-(2^(bits-1) - 1), 2^(bits-1) - 1]
+    (2^bits - 1 levels), or, `unsigned` (a non-negative input such as softmax probabilities, negatives clamped to
+    0), codes in [0, 2^bits - 1]. Rounded in fp32, returned in x's dtype."""
+    xf = x.to(torch.float32)
+    n = xf.shape[-1]
+    pad = (-n) % block_size if n > block_size else 0
+    blocks = torch.nn.functional.pad(xf, (0, pad)) if pad else xf  # zeros leave every block's absmax unchanged
+    blocks = blocks.reshape(*xf.shape[:-1], -1, min(block_size, n))
+    qmax = 2**bits - 1 if unsigned else 2 ** (bits - 1) - 1
+    scale = (blocks.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=1e-8)
+    q = torch.clamp(torch.round(blocks / scale), 0 if unsigned else -qmax, qmax) * scale
+    return q.reshape(*xf.shape[:-1], -1)[..., :n].to(x.dtype)
+
+
 def attach(adapter, spec: ActQuantSpec) -> int:
     """Quantize the input of every block linear from now on; returns how many linears were hooked."""
     if not spec.enabled:
