@@ -34,6 +34,7 @@ FAST = {
     "binarydm": ["method.calib_steps=3"],
     "qdiffusion": ["method.calib_steps=4", "method.interval=2"],
     "token_pruning": ["method.prune_blocks=[1,2]"],
+    "agile_quant": ["method.prune_blocks=[1]"],  # the tiny LLaMA has 3 blocks
     **{depth: ["method.n_blocks=1"] for depth in ("shortgpt", "sleb")},
     "foldgpt": ["method.n_blocks=1", "budget.train_steps=12", "budget.batch_size=2"],  # its gates must separate
     "hybrid_sd": ["method.large_steps=3", "method.total_steps=10"] + [
@@ -42,9 +43,10 @@ FAST = {
 }
 # every method runs on each backend but these (tiny models: LLaMA 128/256 wide, RLFN-S, TinyUNet-8, ViT; tflite's
 # recipe dynamic_int8)
-LM_METHODS = {"abq", "awq", "baq", "billm", "binarymos", "bitmod", "dbllm", "edgeqat", "foldgpt", "fp_rtn", "gptq",
-              "l4q", "layerwise_bits", "llm_fp4", "lmul", "magnitude", "none", "nupes", "onebit", "pbllm", "pipeline",
-              "rtn", "shortgpt", "sign", "sleb", "smoothquant", "sparsegpt", "ternary", "wanda", "xnor"}  # tiny LLaMA
+LM_METHODS = {"abq", "agile_quant", "awq", "baq", "billm", "binarymos", "bitmod", "dbllm", "edgeqat", "foldgpt",
+              "fp_rtn", "gptq", "l4q", "layerwise_bits", "llm_fp4", "lmul", "magnitude", "none", "nupes", "onebit",
+              "pbllm", "pipeline", "rtn", "shortgpt", "sign", "sleb", "smoothquant", "sparsegpt", "ternary", "wanda",
+              "xnor"}  # tiny LLaMA
 BINARY = {"sign", "xnor", "billm", "pbllm", "onebit", "dbllm", "binarymos", "birealnet", "biper", "binarydm", "ternary"}
 FLOAT = {"bitmod", "fp_rtn", "llm_fp4", "minifloat", "fp_lowbit"}
 NONUNIFORM = {"nupes"}  # power-function grid: codes of a uniform grid over sign(w)|w|^a, not of w
@@ -52,7 +54,8 @@ SPARSE = {"magnitude", "wanda", "sparsegpt"}
 REFUSED = {
     "cpu": set(),
     # + mixed widths, activation quantization, convolutions
-    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "edgeqat", "static_ptq", "hawq_v3", "qdiffusion"},
+    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | {"agile_quant", "baq", "edgeqat", "static_ptq", "hawq_v3",
+                                                             "qdiffusion"},
     "fpga_sim": LM_METHODS | BINARY | FLOAT | NONUNIFORM,  # image models only; an integer MAC array
     # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's emulated arithmetic
     "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | {"baq", "hawq_v3", "layerwise_bits", "lmul"},
