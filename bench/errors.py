@@ -68,3 +68,10 @@ def unknown_choice(kind: str, value: str, choices: list[str]) -> ConfigError:
 def check_range(name: str, value, lo, hi) -> None:
     if value is None or not (lo <= value <= hi):
         raise ConfigError(f"{name}={value} is out of range", f"use a value in [{lo}, {hi}]")
+
+
+def check_bits(name: str, value, lo: int, hi: int) -> None:
+    """A bit-width: an integer in [lo, hi] (a float such as 4.5 or a bool is refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} is not an integer bit-width", f"use an integer in [{lo}, {hi}]")
+    check_range(name, value, lo, hi)

@@ -58,7 +58,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from bench.compress.rtn import restore_int_layer
 from bench.errors import ConfigError, check_range

@@ -36,6 +36,7 @@ FAST = {
     "binarydm": ["method.calib_steps=3"],
     "qdiffusion": ["method.calib_steps=4", "method.interval=2"],
     "token_pruning": ["method.prune_blocks=[1,2]"],
+    "agile_quant": ["method.prune_blocks=[1]"],  # the tiny LLaMA has 3 blocks
     **{depth: ["method.n_blocks=1"] for depth in ("shortgpt", "sleb")},
     "qfx": ["method.epochs=1"],
     "foldgpt": ["method.n_blocks=1", "budget.train_steps=12", "budget.batch_size=2"],  # its gates must separate
@@ -45,9 +46,10 @@ FAST = {
 }
 # every method runs on each backend but these (tiny models: LLaMA 128/256 wide, RLFN-S, TinyUNet-8, ViT; tflite's
 # recipe dynamic_int8)
-LM_METHODS = {"abq", "awq", "baq", "bct", "billm", "binarymos", "bitmod", "dbllm", "edgeqat", "foldgpt", "fp_rtn", "gptq",
-              "l4q", "layerwise_bits", "llm_fp4", "lmul", "magnitude", "none", "nupes", "onebit", "pbllm", "pipeline",
-              "rtn", "shortgpt", "sign", "sleb", "smoothquant", "sparsegpt", "ternary", "wanda", "xnor"}  # tiny LLaMA
+LM_METHODS = {"abq", "agile_quant", "awq", "baq", "bct", "billm", "binarymos", "bitmod", "dbllm", "edgeqat", "foldgpt",
+              "fp_rtn", "gptq", "l4q", "layerwise_bits", "llm_fp4", "lmul", "magnitude", "none", "nupes", "onebit",
+              "pbllm", "pipeline", "rtn", "shortgpt", "sign", "sleb", "smoothquant", "sparsegpt", "ternary", "wanda",
+              "xnor"}  # tiny LLaMA
 BINARY = {"sign", "xnor", "billm", "pbllm", "onebit", "dbllm", "binarymos", "birealnet", "biper", "binarydm", "ternary"}
 FLOAT = {"bitmod", "fp_rtn", "llm_fp4", "minifloat", "fp_lowbit"}
 NONUNIFORM = {"nupes"}  # power-function grid: codes of a uniform grid over sign(w)|w|^a, not of w
@@ -56,8 +58,8 @@ SPARSE = {"magnitude", "wanda", "sparsegpt"}
 REFUSED = {
     "cpu": set(),
     # + mixed widths, activation quantization, convolutions
-    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | BLOCKWISE_ACTS | {"baq", "edgeqat", "static_ptq", "hawq_v3",
-                                                                          "qdiffusion", "qfx"},
+    "cpu_kernels": BINARY | FLOAT | NONUNIFORM | SPARSE | BLOCKWISE_ACTS | {"agile_quant", "baq", "edgeqat", "static_ptq",
+                                                                          "hawq_v3", "qdiffusion", "qfx"},
     # image models only; integer and eXmY minifloat MACs (bitmod's floats are not plain eXmY: an LM method anyway)
     "fpga_sim": LM_METHODS | BINARY | NONUNIFORM,
     # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's and qfx's emulated arithmetic

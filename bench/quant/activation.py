@@ -84,6 +84,38 @@ def fake_quant_blocks(x: torch.Tensor, bits: int, block_size: int, unsigned: boo
     return q.reshape(*xf.shape[:-1], -1)[..., :n].to(x.dtype)
 
 
+def channel_absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """max |x| over every dimension but `dim` (fp32): the range a static per-channel (or per-head) observer
+    keeps; fold calls over batches with torch.maximum."""
+    x = x.detach().to(torch.float32).abs().movedim(dim, -1)
+    return x.reshape(-1, x.shape[-1]).amax(dim=0)
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """The min-max symmetric scale of a `bits`-bit signed grid, absmax / ((2^bits - 1) / 2) (FQ-ViT's MinMax
+    observer, which Agile-Quant uses), rounded to its fp16 storage."""
+    return (absmax / ((2**bits - 1) / 2)).clamp(min=torch.finfo(torch.float32).eps).to(torch.float16)
+
+
+def fake_quant_channels(x: torch.Tensor, scale: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Static symmetric fake quantization with one stored scale per index of `dim` (per channel or per head):
+    round(x / s) clamped to [-2^(bits-1), 2^(bits-1) - 1], times s."""
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    s = scale.to(torch.float32).reshape(shape)
+    q = torch.clamp(torch.round(x.to(torch.float32) / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q * s).to(x.dtype)
+
+
+def fake_quant_log2(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log2 quantization of probabilities in [0, 1] (FQ-ViT's, as Agile-Quant quantizes the softmax): code
+    c = round(-log2 p) clamped to [0, 2^bits - 1], value 2^-c; a p whose round(-log2 p) reaches 2^bits (and p = 0)
+    becomes 0. So 2^bits powers of two plus zero."""
+    c = torch.round(-torch.log2(p.to(torch.float32)))
+    out = torch.pow(2.0, -torch.clamp(c, 0, 2**bits - 1))
+    return out.masked_fill(c >= 2**bits, 0.0).to(p.dtype)
+
+
 def attach(adapter, spec: ActQuantSpec) -> int:
     """Quantize the input of every block linear from now on; returns how many linears were hooked."""
     if not spec.enabled:
