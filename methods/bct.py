@@ -31,7 +31,8 @@ grids is the run's float precision):
   the query, key and value as the attention matmuls read them (after rotary embeddings); the softmax input (the
   scaled scores, before the causal mask is added, so masked positions never set a block's scale); the softmax
   output (unsigned codes, probabilities being non-negative); and every block's output (the residual stream between
-  blocks). Attention is routed through the adapter's `use_attention`; norms, activations, embeddings and linears
+  blocks). Attention is computed by the shared quantized attention (bench/quant/attention.py, through the
+  adapter's `use_attention`); norms, activations, embeddings and linears
   are the adapter's, so any adapted architecture gets the same treatment.
 
 Deviations and what is not quantized, each deliberate:
@@ -57,7 +58,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from bench.compress.rtn import restore_int_layer
 from bench.errors import ConfigError, check_range
@@ -65,7 +65,7 @@ from bench.layer_format import ActFormat, LayerFormat
 from bench.models.adapter import LinearRef
 from bench.packed import Packed, layer_stats
 from bench.plugins import Method
-from bench.quant import quantize_rtn
+from bench.quant import attention, quantize_rtn
 from bench.quant.activation import fake_quant_blocks
 from bench.quant.integer import stored_int_layer, weight_matrix
 
@@ -75,24 +75,17 @@ def _first(out, fn):
     return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)
 
 
-def bct_attention(bits: int, block_size: int):
-    """An attention function (the adapter's `use_attention` signature) with BCT's quantized operands: query, key
-    and value per block of head_dim, the softmax input per block of keys (before the mask), its output unsigned."""
+def bct_attention(block: int, bits: int, block_size: int) -> attention.AttentionQuant:
+    """Block `block`'s attention operands as BCT quantizes them (bench/quant/attention.py computes the attention):
+    query, key and value per block of head_dim, the softmax input per block of keys (before the mask), its output
+    on an unsigned grid."""
+    def signed(t):
+        return fake_quant_blocks(t, bits, block_size)
 
-    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        groups = query.shape[1] // key.shape[1]  # grouped-query attention: each kv head serves `groups` heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        query, key, value = (fake_quant_blocks(t, bits, block_size) for t in (query, key, value))
-        scores = fake_quant_blocks(torch.matmul(query, key.transpose(2, 3)) * scaling, bits, block_size)
-        if attention_mask is not None:
-            scores = scores + attention_mask[:, :, :, :key.shape[-2]]
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
-        probs = fake_quant_blocks(probs, bits, block_size, unsigned=True).to(query.dtype)
-        probs = F.dropout(probs, p=dropout, training=module.training)
-        out = torch.matmul(probs, value)
-        return out.transpose(1, 2).contiguous(), probs
+    def unsigned(t):
+        return fake_quant_blocks(t, bits, block_size, unsigned=True)
 
-    return attend
+    return attention.AttentionQuant(block, query=signed, key=signed, value=signed, scores=signed, probs=unsigned)
 
 
 @dataclass
@@ -194,7 +187,7 @@ class BCT(Method):
         activations = [adapter.mlp_activation(b) for b in blocks]
         hook_outputs(f"mlp_activation.output ({type(activations[0]).__name__})", activations)
         hook_outputs("block.output (residual stream)", blocks)
-        adapter.use_attention(f"bct_a{bits}_b{block}", bct_attention(bits, block))
+        attention.attach(adapter, {i: bct_attention(i, bits, block) for i in range(len(blocks))})
         sites["attention.query_key_value"] = sites["softmax.input"] = sites["softmax.output"] = len(blocks)
 
         act, unsigned = self.act_format().label, self.act_format(unsigned=True).label

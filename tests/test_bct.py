@@ -15,6 +15,7 @@ from bench.budget import Budget
 from bench.cache import ArtifactStore
 from bench.errors import ConfigError
 from bench.methods.bct import BCT, bct_attention
+from bench.quant.attention import ATTRIBUTE, quantized_attention
 from bench.quant.activation import fake_quant_blocks
 from bench.runner import build
 
@@ -110,7 +111,8 @@ def test_attention_quantizes_scores_before_the_mask_and_softmax_output_unsigned(
     q, k, v = (torch.randn(1, 4, 10, 16, generator=g) for _ in range(3))
     mask = torch.triu(torch.full((10, 10), float("-inf")), 1)[None, None]
     module = torch.nn.Module().eval()
-    out, probs = bct_attention(4, 8)(module, q, k[:, :2], v[:, :2], mask, 0.25)  # 2 kv heads, grouped
+    setattr(module, ATTRIBUTE, bct_attention(0, 4, 8))
+    out, probs = quantized_attention(module, q, k[:, :2], v[:, :2], mask, 0.25)  # 2 kv heads, grouped
     assert out.shape == (1, 10, 4, 16) and torch.isfinite(out).all()
     assert torch.equal(probs.triu(1), torch.zeros_like(probs))  # the mask still zeroes the future exactly
     assert max_levels_per_block(probs, 8) <= 16 and torch.allclose(probs.sum(-1), torch.ones(1, 4, 10), atol=0.1)

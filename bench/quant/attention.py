@@ -7,7 +7,7 @@ self-attention module carries an `AttentionQuant` (a plain attribute, not a subm
 unchanged; methods store the quantizers' parameters in their artifact themselves). A module without one computes
 exact eager attention. Per call the computation is eager attention's (transformers' `eager_attention_forward`):
     q, k, v = Q(query), K(key), V(value)            (k and v per key/value head, before grouped heads repeat)
-    scores = q k^T * scaling                         (before the mask: what the EdgeQAT reference compares)
+    scores = S(q k^T * scaling)                      (before the mask: what the EdgeQAT reference compares)
     probs = P(softmax(scores + mask [+ extra key mask], fp32))
     out = probs v
 Observers (`AttentionView`) see q, k, the scores and probs of every call: training losses, token importance.
@@ -48,6 +48,7 @@ class AttentionQuant:
     query: Callable | None = None
     key: Callable | None = None
     value: Callable | None = None
+    scores: Callable | None = None  # the softmax input, before the mask (so masked positions set no scale)
     probs: Callable | None = None
     key_mask: Callable | None = None
     observers: list[Callable] = field(default_factory=list)
@@ -65,6 +66,8 @@ def quantized_attention(module, query, key, value, attention_mask, scaling, drop
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: each kv head serves `groups` heads
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if aq is not None:
+        scores = _apply(aq.scores, scores)
     logits = scores
     if attention_mask is not None:
         logits = logits + attention_mask[:, :, :, :key.shape[-2]]
