@@ -101,7 +101,7 @@ def layer_reason(fmt: LayerFormat, recipe: str) -> str | None:
             return f"activations {act.name or f'a{act.bits}'} ({fmt}): LiteRT quantizes activations to int8 only"
         if act.granularity not in ("", "per_token", "per_tensor"):
             return (f"{act.granularity} activations ({fmt}): LiteRT's int8 activations have one scale per tensor "
-                    "(or per token), not per block")
+                    f"(or per token), not {act.granularity.replace('_', ' ')}")
         if acts == "fp32":
             return f"8-bit activations ({fmt}) under recipe {recipe} would run in fp32; use dynamic_int8 or full_int8"
     elif act is None and fmt.notes:

@@ -63,8 +63,9 @@ REFUSED = {
     # image models only; integer and eXmY minifloat MACs (bitmod's floats are not plain eXmY: an LM method anyway)
     "fpga_sim": LM_METHODS | BINARY | NONUNIFORM,
     # mixed widths; hawq_v3's int4 activations; layerwise_bits' 2-bit blocks; lmul's and qfx's emulated arithmetic
-    "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | BLOCKWISE_ACTS | {"baq", "hawq_v3", "layerwise_bits", "lmul",
-                                                                      "qfx"},
+    # per-block (bct) or per-channel (agile_quant) activation scales: LiteRT's are per tensor or per token
+    "tflite": BINARY | FLOAT | NONUNIFORM | SPARSE | BLOCKWISE_ACTS | {"agile_quant", "baq", "hawq_v3", "layerwise_bits",
+                                                                      "lmul", "qfx"},
 }
 
 
