@@ -174,10 +174,11 @@ def reproduce(cell: dict, launch: Launch) -> Reproduction:
     try:
         with _hydra():
             base = _spelled(record.cell_identity(_compose(choices + where + launch.searchpath)))
-            for k, v in _spelled(identity).items():
+            spelled = _spelled(identity)
+            for k, v in spelled.items():
                 if not isinstance(v, dict) and (k not in base or not _same(v, base[k]) or k in given):
                     top.append(f"{k}={value_text(v)}" if k in base else f"+{k}={value_text(v)}")
-            top += [f"~{k}" for k, v in base.items() if k not in _spelled(identity) and not isinstance(v, dict)]
+            top += [f"~{k}" for k, v in base.items() if k not in spelled and not isinstance(v, dict)]
             composed = record.cell_identity(_compose(choices + where + launch.searchpath + top))
             for k, v in identity.items():
                 if isinstance(v, dict):
