@@ -44,12 +44,12 @@ from typing import ClassVar
 
 import torch
 
-from bench.compress.gptq import gptq_quantize, restore_gptq_layer, stored_gptq_layer
+from bench.compress.gptq import gptq_layer_into, restore_gptq_layer
 from bench.compress.hessian import quantize_blockwise
 from bench.errors import ConfigError, check_bits, check_range
 from bench.layer_format import ActFormat, LayerFormat
 from bench.models import adapter_for
-from bench.packed import Packed, layer_stats
+from bench.packed import Packed
 from bench.plugins import Method
 from bench.quant import attention
 from bench.quant.activation import channel_absmax, fake_quant_channels, fake_quant_log2, symmetric_scale
@@ -162,15 +162,9 @@ class AgileQuant(Method):
                               f"({n_blocks} blocks)", f"use block indices in [0, {n_blocks - 1}], or [] for none")
         packed = Packed(model.module, self.name, self.execution)
 
-        @torch.no_grad()
         def quantize_layer(r, H):
-            w = r.module.weight.data
-            res = gptq_quantize(w, H, self.bits, self.group_size, False, self.act_order, self.damp, self.block_size,
-                                r.name)
-            packed.per_layer.append({**layer_stats(r, w, res.dequantized), "gptq_loss": res.loss})
-            w.copy_(res.dequantized)
-            packed.layers[r.name] = stored_gptq_layer(res, self.bits, r.module.bias)
-            packed.layer_format[r.name] = self.layer_format(r.role)
+            gptq_layer_into(packed, r, H, self.layer_format(r.role), self.bits, self.group_size, False,
+                            self.act_order, self.damp, self.block_size)
 
         quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         self._calibrate(model, packed, calib.windows)

@@ -21,11 +21,11 @@ from typing import ClassVar
 
 import torch
 
-from bench.compress.gptq import gptq_quantize, restore_gptq_layer, stored_gptq_layer
+from bench.compress.gptq import gptq_layer_into, restore_gptq_layer
 from bench.compress.hessian import quantize_blockwise
 from bench.errors import check_range
 from bench.layer_format import LayerFormat
-from bench.packed import Packed, layer_stats
+from bench.packed import Packed
 from bench.plugins import Method
 from bench.quant.activation import ActivationQuantized
 
@@ -57,13 +57,8 @@ class GPTQ(ActivationQuantized, Method):
         packed = Packed(model.module, self.name, self.execution)
 
         def quantize_layer(r, H):
-            w = r.module.weight.data
-            res = gptq_quantize(w, H, self.bits, self.group_size, self.symmetric, self.act_order, self.damp,
-                                self.block_size, r.name)
-            packed.per_layer.append({**layer_stats(r, w, res.dequantized), "gptq_loss": res.loss})
-            w.copy_(res.dequantized)
-            packed.layers[r.name] = stored_gptq_layer(res, self.bits, r.module.bias)
-            packed.layer_format[r.name] = self.layer_format()
+            gptq_layer_into(packed, r, H, self.layer_format(), self.bits, self.group_size, self.symmetric,
+                            self.act_order, self.damp, self.block_size)
 
         quantize_blockwise(model.adapter, calib.windows, quantize_layer, self.name)
         packed.info["calib_tokens"] = int(calib.windows.numel())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.compress.hessian import gptq_sweep, inverse_hessian_factor, without_dead_columns
+from bench.packed import layer_stats
 from bench.precision import fp32
 from bench.quant import n_groups, resolve_group_size
 from bench.quant.integer import (expand_groups, from_codes, grid_params, load_int_layer, restore_bias,
@@ -71,6 +72,20 @@ def dequantize_stored(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     s = scale.to(torch.float32)[:, group_of]
     z = None if zero is None else zero.to(torch.float32)[:, group_of]
     return from_codes(codes.to(torch.float32), s, z, bits)
+
+
+@torch.no_grad()
+def gptq_layer_into(packed, ref, H: torch.Tensor, fmt, bits: int, group_size: int, symmetric: bool, act_order: bool,
+                    damp: float, block_size: int) -> None:
+    """GPTQ one block linear in place (the weight becomes its dequantized grid) and keep in `packed` its stored
+    tensors, its per-layer record (with the GPTQ loss) and its layer format `fmt`: a `quantize_blockwise` callback's
+    body for methods whose weights are plain GPTQ."""
+    w = ref.module.weight.data
+    res = gptq_quantize(w, H, bits, group_size, symmetric, act_order, damp, block_size, ref.name)
+    packed.per_layer.append({**layer_stats(ref, w, res.dequantized), "gptq_loss": res.loss})
+    w.copy_(res.dequantized)
+    packed.layers[ref.name] = stored_gptq_layer(res, bits, ref.module.bias)
+    packed.layer_format[ref.name] = fmt
 
 
 def stored_gptq_layer(res: GPTQResult, bits: int, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
